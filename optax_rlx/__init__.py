@@ -1,0 +1,23 @@
+"""optax_rlx: curvature-aware optimizers for JAX/Optax.
+
+Every optimizer is a pure functional ``optax.GradientTransformation``: a ``scale_by_*``
+transform returning a descent direction, and an alias that adds the step size.
+"""
+
+from optax_rlx._adafactor import (
+    AdafactorState,
+    AdafactorStepState,
+    adafactor,
+    relative_step_schedule,
+    scale_by_adafactor,
+)
+
+__version__ = "0.1.0.dev0"
+
+__all__ = [
+    "AdafactorState",
+    "AdafactorStepState",
+    "adafactor",
+    "relative_step_schedule",
+    "scale_by_adafactor",
+]

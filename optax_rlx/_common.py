@@ -1,0 +1,189 @@
+"""Shared validation and tree helpers for optax_rlx transforms.
+
+Every check here runs in Python at construction, ``init`` or trace time, so bad
+input fails with a :class:`ValueError` that names the option or the leaf path,
+never with a NaN or an error from deep inside XLA.
+"""
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def is_traced(value: Any) -> bool:
+  """Whether ``value`` is an abstract JAX value (e.g. injected by ``inject_hyperparams``)."""
+  return isinstance(value, jax.core.Tracer)
+
+
+def _concrete_float(value: Any) -> float | None:
+  """Returns ``value`` as a Python float when it is a concrete real scalar, else ``None``."""
+  if isinstance(value, bool) or value is None or callable(value) or is_traced(value):
+    return None
+  if isinstance(value, (int, float, np.integer, np.floating)):
+    return float(value)
+  if isinstance(value, (np.ndarray, jax.Array)) and np.shape(value) == ():
+    if jnp.issubdtype(value.dtype, jnp.complexfloating):
+      return None
+    return float(value)
+  return None
+
+
+def check_number(
+    owner: str,
+    name: str,
+    value: Any,
+    *,
+    low: float | None = None,
+    high: float | None = None,
+    low_open: bool = False,
+    high_open: bool = False,
+    allow_none: bool = False,
+    allow_schedule: bool = False,
+) -> None:
+  """Raises ``ValueError`` unless ``value`` is a finite number in the given range.
+
+  Traced values (as injected by ``optax.inject_hyperparams`` under ``jit``) and,
+  when ``allow_schedule``, callables cannot be checked here and are accepted.
+
+  Args:
+    owner: the public function the option belongs to, for the message.
+    name: the option's keyword name.
+    value: the value given.
+    low: lower bound, or ``None``.
+    high: upper bound, or ``None``.
+    low_open: whether ``low`` itself is excluded.
+    high_open: whether ``high`` itself is excluded.
+    allow_none: whether ``None`` is a valid value.
+    allow_schedule: whether a callable (an optax schedule) is a valid value.
+  """
+  if value is None:
+    if allow_none:
+      return
+    raise ValueError(f"{owner}: `{name}` must be a number, got None.")
+  if callable(value):
+    if allow_schedule:
+      return
+    raise ValueError(f"{owner}: `{name}` must be a number, not a callable ({value!r}).")
+  if is_traced(value):
+    return
+  number = _concrete_float(value)
+  if number is None:
+    raise ValueError(f"{owner}: `{name}` must be a real scalar number, got {value!r}.")
+  if not math.isfinite(number):
+    raise ValueError(f"{owner}: `{name}` must be finite, got {value!r}.")
+  if low is not None and (number < low or (low_open and number == low)):
+    sign = ">" if low_open else ">="
+    raise ValueError(f"{owner}: `{name}` must be {sign} {low}, got {value!r}.")
+  if high is not None and (number > high or (high_open and number == high)):
+    sign = "<" if high_open else "<="
+    raise ValueError(f"{owner}: `{name}` must be {sign} {high}, got {value!r}.")
+
+
+def static_int(owner: str, name: str, value: Any, *, low: int) -> int:
+  """Returns ``value`` as a Python ``int`` >= ``low``; it decides shapes, so it must be static."""
+  if is_traced(value):
+    raise ValueError(
+        f"{owner}: `{name}` decides the optimizer state's shapes and must be a static Python "
+        f"int, got a traced value. With `optax.inject_hyperparams`, pass "
+        f"`static_args=('{name}',)`."
+    )
+  if isinstance(value, bool) or value is None:
+    raise ValueError(f"{owner}: `{name}` must be an int, got {value!r}.")
+  if isinstance(value, (np.ndarray, jax.Array)):
+    if np.shape(value) != () or not jnp.issubdtype(value.dtype, jnp.integer):
+      raise ValueError(f"{owner}: `{name}` must be an int, got {value!r}.")
+    value = int(value)
+  if not isinstance(value, (int, np.integer)):
+    raise ValueError(f"{owner}: `{name}` must be an int, got {value!r}.")
+  if value < low:
+    raise ValueError(f"{owner}: `{name}` must be >= {low}, got {value!r}.")
+  return int(value)
+
+
+def is_zero(value: Any) -> bool:
+  """Whether ``value`` is statically known to be zero (so the work it scales can be skipped)."""
+  number = _concrete_float(value)
+  return number is not None and number == 0.0
+
+
+def path_str(path: Sequence[Any]) -> str:
+  """A readable name for a pytree key path, e.g. ``['layer']['w']``; ``<root>`` for a bare leaf."""
+  return jax.tree_util.keystr(tuple(path)) or "<root>"
+
+
+def _leaf_paths(tree: Any) -> list[str]:
+  return [path_str(p) for p, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
+
+
+def check_same_structure(owner: str, ref: Any, ref_name: str, other: Any, other_name: str) -> None:
+  """Raises ``ValueError`` when two pytrees differ in structure, naming the differing leaves."""
+  ref_def = jax.tree_util.tree_structure(ref)
+  other_def = jax.tree_util.tree_structure(other)
+  if ref_def == other_def:
+    return
+  ref_paths, other_paths = _leaf_paths(ref), _leaf_paths(other)
+  missing = [p for p in ref_paths if p not in set(other_paths)]
+  extra = [p for p in other_paths if p not in set(ref_paths)]
+  detail = []
+  if missing:
+    detail.append(f"leaves missing from {other_name}: {', '.join(missing[:5])}")
+  if extra:
+    detail.append(f"unexpected leaves in {other_name}: {', '.join(extra[:5])}")
+  if not detail:
+    detail.append(f"{ref_name} has structure {ref_def}, {other_name} has {other_def}")
+  raise ValueError(
+      f"{owner}: the structure of {other_name} does not match {ref_name} ({'; '.join(detail)})."
+  )
+
+
+def check_same_shapes(owner: str, ref: Any, ref_name: str, other: Any, other_name: str) -> None:
+  """Raises ``ValueError`` when two pytrees differ in structure or in any leaf's shape."""
+  check_same_structure(owner, ref, ref_name, other, other_name)
+  ref_leaves = jax.tree_util.tree_flatten_with_path(ref)[0]
+  for (path, a), b in zip(ref_leaves, jax.tree.leaves(other), strict=True):
+    if np.shape(a) != np.shape(b):
+      raise ValueError(
+          f"{owner}: leaf {path_str(path)} has shape {tuple(np.shape(b))} in {other_name} but "
+          f"{tuple(np.shape(a))} in {ref_name}."
+      )
+
+
+def check_real_float_leaves(owner: str, tree: Any, tree_name: str) -> None:
+  """Raises ``ValueError`` unless every leaf has a real floating dtype (``ShapeDtypeStruct`` ok)."""
+  for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+    dtype = getattr(leaf, "dtype", None)
+    if dtype is None or not hasattr(leaf, "shape"):
+      raise ValueError(
+          f"{owner}: leaf {path_str(path)} of {tree_name} is {type(leaf).__name__}, expected an "
+          f"array or jax.ShapeDtypeStruct."
+      )
+    if not jnp.issubdtype(dtype, jnp.floating):
+      raise ValueError(
+          f"{owner}: leaf {path_str(path)} of {tree_name} has dtype {jnp.dtype(dtype).name}; "
+          f"only real floating-point leaves are supported."
+      )
+
+
+def stats_dtype(dtype: Any) -> jnp.dtype:
+  """Dtype for optimizer statistics: float32, or the param dtype when it is wider."""
+  return jnp.promote_types(dtype, jnp.float32)
+
+
+def schedule_value(value: Any, count: jax.Array) -> Any:
+  """Evaluates an optax ``ScalarOrSchedule`` at ``count``."""
+  return value(count) if callable(value) else value
+
+
+def resolve_mask(mask: Any, params: Any) -> Any:
+  """Turns a mask (bool, pytree prefix of ``params`` or callable of ``params``) into a full tree."""
+  if callable(mask):
+    mask = mask(params)
+  return jax.tree.map(
+      lambda m, sub: jax.tree.map(lambda _: bool(m), sub), mask, params,
+      is_leaf=lambda x: isinstance(x, bool),
+  )
+

@@ -1,0 +1,308 @@
+"""The generic contract (SPEC.md section 4) that every optax_rlx optimizer must meet.
+
+An optimizer joins by adding one ``pytest.param`` to ``OPTIMIZERS``: a factory taking the
+learning rate (float or schedule) and the learning rate that solves the convergence problems.
+"""
+
+import dataclasses
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import optax_rlx
+
+
+@dataclasses.dataclass(frozen=True)
+class Entry:
+  factory: Callable[..., optax.GradientTransformation]  # called as factory(learning_rate, **kw)
+  kwargs: dict
+  lr: float  # a learning rate (peak of a cosine decay) that solves the problems below
+  static_args: tuple[str, ...] = ()  # for optax.inject_hyperparams: shape-deciding options
+
+  def make(self, learning_rate):
+    return self.factory(learning_rate=learning_rate, **self.kwargs)
+
+
+OPTIMIZERS = [
+    pytest.param(
+        Entry(optax_rlx.adafactor, {"multiply_by_parameter_scale": False}, lr=0.02),
+        id="adafactor",
+    ),
+    pytest.param(
+        Entry(
+            optax_rlx.adafactor,
+            {"b1": 0.9, "weight_decay": 1e-4, "min_dim_size_to_factor": 1,
+             "multiply_by_parameter_scale": False},
+            lr=0.1,
+            static_args=("min_dim_size_to_factor",),
+        ),
+        id="adafactor-momentum-factored",
+    ),
+]
+
+# ---------------------------------------------------------------------------------------------
+# Problems: (loss, initial params, tolerance on the final loss).
+# ---------------------------------------------------------------------------------------------
+
+
+def _parabola():
+  target = jnp.array([1.0, -2.0, 0.5])
+  return (lambda p: jnp.sum((p - target) ** 2)), jnp.zeros(3), 1e-4
+
+
+def _rosenbrock():
+  def loss(p):
+    return (1.0 - p[0]) ** 2 + 100.0 * (p[1] - p[0] ** 2) ** 2
+
+  return loss, jnp.array([-1.2, 1.0]), 1e-2
+
+
+def _matrix_parabola():
+  target = jnp.array([[1.0, -1.0], [0.5, 2.0]])
+  return (lambda p: jnp.sum((p - target) ** 2)), jnp.zeros((2, 2)), 1e-4
+
+
+def _mixed():
+  w_target = jnp.arange(12.0).reshape(3, 4) / 6.0 - 1.0
+  b_target = jnp.array([0.3, -0.3, 1.0, 0.0])
+
+  def loss(p):
+    return jnp.sum((p["w"] - w_target) ** 2) + jnp.sum((p["b"] - b_target) ** 2)
+
+  return loss, {"w": jnp.zeros((3, 4)), "b": jnp.zeros(4)}, 1e-4
+
+
+PROBLEMS = {
+    "parabola": _parabola,
+    "rosenbrock": _rosenbrock,
+    "matrix_parabola": _matrix_parabola,
+    "mixed": _mixed,
+}
+STEPS = 2000
+
+
+def _fit(tx, loss, params, steps):
+  state = tx.init(params)
+
+  def body(carry, _):
+    p, s = carry
+    u, s = tx.update(jax.grad(loss)(p), s, p)
+    return (optax.apply_updates(p, u), s), None
+
+  (params, _), _ = jax.jit(lambda c: jax.lax.scan(body, c, None, length=steps))((params, state))
+  return params
+
+
+@pytest.mark.parametrize("problem", list(PROBLEMS))
+@pytest.mark.parametrize("entry", OPTIMIZERS)
+def test_converges(entry, problem):
+  loss, params, tol = PROBLEMS[problem]()
+  tx = entry.make(optax.cosine_decay_schedule(entry.lr, STEPS))
+  final = float(loss(_fit(tx, loss, params, STEPS)))
+  assert final < tol, (problem, final, float(loss(params)))
+
+
+def _tree(dtype=jnp.float32):
+  return {
+      "w": jnp.linspace(-1.0, 1.0, 12, dtype=dtype).reshape(3, 4),
+      "b": jnp.linspace(0.5, 1.0, 4, dtype=dtype),
+      "s": jnp.asarray(0.25, dtype),
+  }
+
+
+def _grads(params, step=0):
+  return jax.tree.map(lambda p: jnp.sin(p * 3.0 + step).astype(p.dtype), params)
+
+
+def _run(tx, params, steps=3, jit=True, **extra):
+  state = tx.init(params)
+  update = jax.jit(tx.update) if jit else tx.update
+  updates = None
+  for i in range(steps):
+    updates, state = update(_grads(params, i), state, params, **extra)
+    params = optax.apply_updates(params, updates)
+  return params, state, updates
+
+
+def _assert_trees_equal(a, b, exact=True):
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+    if exact:
+      np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    else:
+      np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("entry", OPTIMIZERS)
+def test_jit_does_not_recompile(entry):
+  tx = entry.make(0.1)
+  traces = []
+
+  @jax.jit
+  def step(params, state):
+    traces.append(1)
+    updates, state = tx.update(_grads(params), state, params)
+    return optax.apply_updates(params, updates), state
+
+  params = _tree()
+  state = tx.init(params)
+  for _ in range(4):
+    params, state = step(params, state)
+  assert len(traces) == 1
+
+
+@pytest.mark.parametrize("entry", OPTIMIZERS)
+def test_ignores_unknown_extra_args(entry):
+  tx = entry.make(0.1)
+  with_extra = _run(tx, _tree(), jit=False, some_unknown_arg=3, another=jnp.ones(2))
+  _assert_trees_equal(with_extra[0], _run(tx, _tree(), jit=False)[0])
+
+
+@pytest.mark.parametrize("entry", OPTIMIZERS)
+def test_chain_and_schedule(entry):
+  schedule = optax.linear_schedule(0.1, 0.01, 10)
+  chained = optax.chain(optax.clip_by_global_norm(1.0), entry.make(schedule))
+  params, _, updates = _run(chained, _tree())
+  assert all(bool(jnp.all(jnp.isfinite(u))) for u in jax.tree.leaves(updates))
+  assert not np.allclose(params["w"], _tree()["w"])
+
+
+@pytest.mark.parametrize("entry", OPTIMIZERS)
+def test_masked(entry):
+  tx = optax.masked(entry.make(0.1), {"w": True, "b": False, "s": True})
+  params, _, _ = _run(tx, _tree())
+  initial = _tree()
+  plain_b = initial["b"]
+  for i in range(3):  # the masked-out leaf receives the raw gradient, unchanged
+    plain_b = plain_b + jnp.sin(plain_b * 3.0 + i)
+  np.testing.assert_allclose(params["b"], plain_b, rtol=1e-6)
+  assert not np.allclose(params["w"], initial["w"])
+
+
+@pytest.mark.parametrize("entry", OPTIMIZERS)
+def test_multisteps_first_minibatch_returns_exact_zeros(entry):
+  tx = optax.MultiSteps(entry.make(0.1), every_k_schedule=3)
+  params = _tree()
+  state = tx.init(params)
+  updates, state = tx.update(_grads(params), state, params)
+  for u in jax.tree.leaves(updates):
+    assert float(jnp.max(jnp.abs(u))) == 0.0
+  for i in range(2):
+    updates, state = tx.update(_grads(params, i), state, params)
+  assert float(jnp.max(jnp.abs(updates["w"]))) > 0.0
+
+
+@pytest.mark.parametrize("entry", OPTIMIZERS)
+def test_apply_if_finite(entry):
+  tx = optax.apply_if_finite(entry.make(0.1), max_consecutive_errors=2)
+  params = _tree()
+  state = tx.init(params)
+  bad = jax.tree.map(lambda g: g.at[...].set(jnp.nan), _grads(params))
+  updates, state = tx.update(bad, state, params)
+  assert all(float(jnp.max(jnp.abs(u))) == 0.0 for u in jax.tree.leaves(updates))
+  assert all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(state))
+  updates, state = tx.update(_grads(params), state, params)
+  assert float(jnp.max(jnp.abs(updates["w"]))) > 0.0
+
+
+@pytest.mark.parametrize("entry", OPTIMIZERS)
+def test_inject_hyperparams_matches_plain(entry):
+  injected = optax.inject_hyperparams(entry.factory, static_args=entry.static_args)(
+      learning_rate=0.1, **entry.kwargs
+  )
+  plain = entry.make(0.1)
+  got, state, _ = _run(injected, _tree())
+  want, _, _ = _run(plain, _tree())
+  _assert_trees_equal(got, want, exact=False)
+  # The injected learning rate is live: changing it in the state changes the step.
+  step = jax.jit(injected.update)
+  at_lr = step(_grads(got), state, got)[0]
+  state.hyperparams["learning_rate"] = jnp.asarray(0.05)
+  at_half = step(_grads(got), state, got)[0]
+  assert not np.allclose(at_lr["w"], at_half["w"])
+
+
+@pytest.mark.parametrize("entry", OPTIMIZERS)
+def test_tree_map_params(entry):
+  tx = entry.make(0.1)
+  params = _tree()
+  _, state, _ = _run(tx, params)
+  mapped = optax.tree.map_params(tx, lambda x: jnp.full_like(x, 7.0), state)
+  assert jax.tree.structure(mapped) == jax.tree.structure(state)
+  before, after = jax.tree.leaves(state), jax.tree.leaves(mapped)
+  changed = [not np.array_equal(a, b) for a, b in zip(before, after, strict=True)]
+  assert any(changed)
+  for a, b in zip(before, after, strict=True):  # counters are not param trees: untouched
+    if jnp.issubdtype(a.dtype, jnp.integer):
+      np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("entry", OPTIMIZERS)
+def test_init_on_abstract_and_empty_trees(entry):
+  tx = entry.make(0.1)
+  abstract = jax.tree.map(lambda p: jax.ShapeDtypeStruct(p.shape, p.dtype), _tree())
+  concrete = tx.init(_tree())
+  from_abstract = tx.init(abstract)
+  assert jax.tree.structure(from_abstract) == jax.tree.structure(concrete)
+  shapes = jax.eval_shape(tx.init, abstract)
+  for a, b in zip(jax.tree.leaves(shapes), jax.tree.leaves(concrete), strict=True):
+    assert a.shape == b.shape and a.dtype == b.dtype
+  empty_state = tx.init({})
+  updates, _ = tx.update({}, empty_state, {})
+  assert updates == {}
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16", "float64"])
+@pytest.mark.parametrize("entry", OPTIMIZERS)
+def test_updates_and_state_keep_dtypes(entry, dtype):
+  with jax.enable_x64(dtype == "float64"):
+    dtype = jnp.dtype(dtype)
+    tx = entry.make(0.1)
+    params = _tree(dtype)
+    state = tx.init(params)
+    spec = jax.tree.map(lambda x: (x.shape, x.dtype), state)
+    for i in range(3):
+      updates, state = jax.jit(tx.update)(_grads(params, i), state, params)
+      for u in jax.tree.leaves(updates):
+        assert u.dtype == dtype
+        assert bool(jnp.all(jnp.isfinite(u)))
+      assert jax.tree.map(lambda x: (x.shape, x.dtype), state) == spec
+      params = optax.apply_updates(params, updates)
+    assert all(p.dtype == dtype for p in jax.tree.leaves(params))
+
+
+@pytest.mark.parametrize("entry", OPTIMIZERS)
+def test_state_survives_lax_cond(entry):
+  tx = entry.make(0.1)
+  params = _tree()
+  state = tx.init(params)
+
+  @jax.jit
+  def maybe_update(pred, state):
+    def do(s):
+      return tx.update(_grads(params), s, params)
+
+    def skip(s):
+      return jax.tree.map(jnp.zeros_like, params), s
+
+    return jax.lax.cond(pred, do, skip, state)
+
+  _, updated = maybe_update(True, state)
+  _, skipped = maybe_update(False, updated)
+  _assert_trees_equal(skipped, updated)
+
+
+@pytest.mark.parametrize("entry", OPTIMIZERS)
+def test_bad_structures_raise_value_error(entry):
+  tx = entry.make(0.1)
+  params = _tree()
+  state = tx.init(params)
+  wrong_shape = dict(_grads(params), b=jnp.zeros(5))
+  with pytest.raises(ValueError, match=r"\['b'\]"):
+    tx.update(wrong_shape, state, params)
+  missing = {k: v for k, v in _grads(params).items() if k != "s"}
+  with pytest.raises(ValueError, match=r"\['s'\]"):
+    tx.update(missing, state, params)
