@@ -1,0 +1,35 @@
+"""The README's Python snippets run as written."""
+
+import pathlib
+import re
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+README = pathlib.Path(__file__).resolve().parent.parent / "README.md"
+SNIPPETS = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
+
+
+def test_readme_has_a_quickstart():
+  assert SNIPPETS
+  assert len(SNIPPETS[0].strip().splitlines()) <= 20
+
+
+@pytest.mark.parametrize("index", range(len(SNIPPETS)))
+def test_readme_snippet_runs(index):
+  namespace: dict = {}
+  with jax.numpy_rank_promotion("allow"):  # user code may broadcast a bias; ours may not
+    run_snippet(index, namespace)
+
+
+def run_snippet(index, namespace):
+  exec(compile(SNIPPETS[index], f"README.md snippet {index}", "exec"), namespace)  # noqa: S102
+  if "step" in namespace:  # the quickstart: take a few steps and check the loss falls
+    x = jax.random.normal(jax.random.key(0), (64, 512))
+    y = jnp.tanh(x[:, :256])
+    params, state = namespace["params"], namespace["state"]
+    before = float(namespace["loss"](params, x, y))
+    for _ in range(20):
+      params, state = namespace["step"](params, state, x, y)
+    assert float(namespace["loss"](params, x, y)) < before
