@@ -11,13 +11,23 @@ from optax_rlx._adafactor import (
     relative_step_schedule,
     scale_by_adafactor,
 )
+from optax_rlx._kron import (
+    KronState,
+    kron,
+    precond_update_prob_schedule,
+    scale_by_kron,
+)
 
 __version__ = "0.1.0.dev0"
 
 __all__ = [
     "AdafactorState",
     "AdafactorStepState",
+    "KronState",
     "adafactor",
+    "kron",
+    "precond_update_prob_schedule",
     "relative_step_schedule",
     "scale_by_adafactor",
+    "scale_by_kron",
 ]

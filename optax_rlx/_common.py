@@ -43,6 +43,7 @@ def check_number(
     high_open: bool = False,
     allow_none: bool = False,
     allow_schedule: bool = False,
+    allow_inf: bool = False,
 ) -> None:
   """Raises ``ValueError`` unless ``value`` is a finite number in the given range.
 
@@ -59,6 +60,7 @@ def check_number(
     high_open: whether ``high`` itself is excluded.
     allow_none: whether ``None`` is a valid value.
     allow_schedule: whether a callable (an optax schedule) is a valid value.
+    allow_inf: whether +inf is a valid value.
   """
   if value is None:
     if allow_none:
@@ -73,7 +75,7 @@ def check_number(
   number = _concrete_float(value)
   if number is None:
     raise ValueError(f"{owner}: `{name}` must be a real scalar number, got {value!r}.")
-  if not math.isfinite(number):
+  if not math.isfinite(number) and not (allow_inf and number == math.inf):
     raise ValueError(f"{owner}: `{name}` must be finite, got {value!r}.")
   if low is not None and (number < low or (low_open and number == low)):
     sign = ">" if low_open else ">="
@@ -105,9 +107,12 @@ def static_int(owner: str, name: str, value: Any, *, low: int) -> int:
 
 
 def is_zero(value: Any) -> bool:
-  """Whether ``value`` is statically known to be zero (so the work it scales can be skipped)."""
-  number = _concrete_float(value)
-  return number is not None and number == 0.0
+  """Whether ``value`` is a Python number equal to zero, so the work it scales can be skipped.
+
+  Arrays never count, even concrete ones: ``optax.inject_hyperparams`` passes a concrete array
+  to ``init`` and a traced one to ``update``, and both must build the same state structure.
+  """
+  return isinstance(value, int | float) and not isinstance(value, bool) and value == 0
 
 
 def path_str(path: Sequence[Any]) -> str:

@@ -42,6 +42,17 @@ OPTIMIZERS = [
         ),
         id="adafactor-momentum-factored",
     ),
+    pytest.param(Entry(optax_rlx.kron, {"key": 0}, lr=0.03), id="kron"),
+    pytest.param(
+        Entry(optax_rlx.kron, {"key": 1, "geometry": "triangular", "nesterov": True,
+                               "weight_decay": 1e-5}, lr=0.03),
+        id="kron-triangular",
+    ),
+    pytest.param(
+        Entry(optax_rlx.kron, {"key": 2, "precond_dtype": "bfloat16", "b1": None,
+                               "memory_save_mode": "one_diag"}, lr=0.01),
+        id="kron-bf16-no-momentum",
+    ),
 ]
 
 # ---------------------------------------------------------------------------------------------

@@ -1,0 +1,817 @@
+"""Kron-PSGD: preconditioned SGD with a Kronecker-factored preconditioner fitted on a Lie group."""
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from optax_rlx import _common
+
+_OWNER = "kron"
+_CRITERIA = ("whitening", "newton")
+_GEOMETRIES = ("triangular", "procrustes")
+_MEMORY_SAVE_MODES = (None, "one_diag", "all_diag")
+_FIT_ON = ("momentum", "gradient")
+_DEFAULT_MAX_SIZE_DENSE = 8192
+_DEFAULT_MIN_NDIM_DENSE = 2
+_DEFAULT_MAX_SKEW_DENSE = 1.0
+_PROCRUSTES_MAX_STEP = 0.25
+
+
+class KronState(NamedTuple):
+  """State of :func:`scale_by_kron`.
+
+  For a leaf of shape ``(d_1, ..., d_r)`` the preconditioner is ``P = Qᵀ Q`` with
+  ``Q = Q_1 ⊗ ... ⊗ Q_r``: ``Q_i`` is a dense ``(d_i, d_i)`` matrix (upper triangular, or
+  symmetric positive definite with ``geometry='procrustes'``) or a diagonal stored as ``(d_i,)``.
+  Scalars have one factor of shape ``(1,)``. A stacked leaf (``stacked_layers``) of shape
+  ``(n, d_1, ..., d_r)`` has factors with a leading ``n`` axis.
+
+  Attributes:
+    count: int32 scalar, number of updates so far.
+    key: uint32 PRNG key data (``jax.random.key_data``), split every step.
+    precond_acc: float32 scalar, running sum of refit probabilities; a refit happens whenever it
+      reaches 1 (a deterministic realisation of ``precond_update_prob``).
+    mu: pytree like the params, momentum in ``mu_dtype``; ``()`` without momentum.
+    Qs: pytree with the params' structure whose leaves are tuples of factors in ``precond_dtype``.
+    Ls: like ``Qs`` with float32 scalars (``(n,)`` when stacked): each factor's Lipschitz
+      estimate normalising its fitting step.
+  """
+
+  count: jax.Array
+  key: jax.Array
+  precond_acc: jax.Array
+  mu: optax.Updates
+  Qs: Any
+  Ls: Any
+
+
+def precond_update_prob_schedule(
+    max_prob: float = 1.0, min_prob: float = 0.03, decay: float = 0.001, flat_start: int = 500
+) -> optax.Schedule:
+  """Probability of refitting the preconditioner: flat at ``max_prob``, then exponential decay.
+
+  ``p(t) = clip(max_prob * exp(-decay * (t - flat_start)), min_prob, max_prob)``: with the
+  defaults, 1 for 500 steps, then decaying to 0.03 by about step 4000.
+
+  Args:
+    max_prob: probability during the flat start.
+    min_prob: floor reached after the decay.
+    decay: exponential decay rate per step after ``flat_start``.
+    flat_start: number of steps at ``max_prob``.
+
+  Returns:
+    An optax schedule of the step count.
+
+  Example:
+    >>> import optax_rlx
+    >>> p = optax_rlx.precond_update_prob_schedule()
+    >>> print(f"{p(0):.2f} {p(500):.2f} {p(1500):.3f} {p(10_000):.2f}")
+    1.00 1.00 0.368 0.03
+  """
+  check = _common.check_number
+  owner = "precond_update_prob_schedule"
+  check(owner, "max_prob", max_prob, low=0.0, high=1.0, low_open=True)
+  check(owner, "min_prob", min_prob, low=0.0, high=max_prob, low_open=True)
+  check(owner, "decay", decay, low=0.0)
+  check(owner, "flat_start", flat_start, low=0.0)
+
+  def schedule(count):
+    t = jnp.asarray(count, jnp.float32)
+    return jnp.clip(max_prob * jnp.exp(-decay * (t - flat_start)), min_prob, max_prob)
+
+  return schedule
+
+
+# ---------------------------------------------------------------------------------------------
+# Per-leaf plan and tensor helpers (all on one unstacked tensor, in float32 or wider).
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class _Plan:
+  """Static description of one leaf's preconditioner."""
+
+  shape: tuple[int, ...]  # the (unstacked) tensor the factors act on; scalars become (1,)
+  dense: tuple[bool, ...]  # per axis: dense factor (True) or diagonal (False)
+  stacked: bool  # leading axis of the leaf is a stack of layers (vmapped)
+  leaf_shape: tuple[int, ...]  # the leaf's own shape
+
+
+def _make_plan(shape, stacked, max_size, min_ndim, max_skew, memory_save_mode, path):
+  leaf_shape = tuple(shape)
+  if stacked:
+    if len(shape) == 0:
+      raise ValueError(
+          f"{_OWNER}: leaf {path} is declared in `stacked_layers` but is a scalar; a stacked "
+          f"leaf needs a leading layer axis."
+      )
+    shape = shape[1:]
+  shape = tuple(shape) if len(shape) else (1,)
+  numel = int(np.prod(shape))
+  ndim = len(shape)
+  diag_axes = set()
+  if memory_save_mode == "all_diag":
+    diag_axes = set(range(ndim))
+  elif memory_save_mode == "one_diag":
+    diag_axes = {int(np.argsort(np.asarray(shape), kind="stable")[-1])}
+  dense = tuple(
+      i not in diag_axes
+      and 1 < d <= max_size
+      and ndim >= min_ndim
+      and d * d <= max_skew * numel
+      for i, d in enumerate(shape)
+  )
+  return _Plan(shape=shape, dense=dense, stacked=stacked, leaf_shape=leaf_shape)
+
+
+def _axis_shape(ndim, axis, size):
+  return tuple(size if k == axis else 1 for k in range(ndim))
+
+
+def _apply_on_axis(factor, x, axis, dense):
+  """``factor`` (dense ``(n, n)`` or diagonal ``(n,)``) applied along ``axis`` of ``x``."""
+  if dense:
+    return jnp.moveaxis(jnp.tensordot(factor, x, axes=(1, axis)), 0, axis)
+  return x * factor.reshape(_axis_shape(x.ndim, axis, factor.shape[0]))
+
+
+def _gram(x, axis, dense):
+  """``x`` contracted with itself over every axis but ``axis``: ``(n, n)``, or its diagonal."""
+  others = tuple(k for k in range(x.ndim) if k != axis)
+  if dense:
+    return jnp.tensordot(x, x, axes=(others, others))
+  return jnp.sum(x * x, axis=others)
+
+
+def _solve_transposed(factor, x, axis, dense):
+  """``Q_iᵀ⁻¹`` applied along ``axis`` of ``x`` (triangular solve for dense upper-triangular Q_i)."""
+  if not dense:
+    return x / factor.reshape(_axis_shape(x.ndim, axis, factor.shape[0]))
+  moved = jnp.moveaxis(x, axis, 0)
+  flat = moved.reshape(moved.shape[0], -1)
+  solved = jax.scipy.linalg.solve_triangular(factor, flat, trans=1, lower=False)
+  return jnp.moveaxis(solved.reshape(moved.shape), 0, axis)
+
+
+def _precondition(factors, x, dense):
+  """``P x`` with ``P = Qᵀ Q``: each factor applied as ``Q_iᵀ Q_i`` on its axis."""
+  for axis, (q, is_dense) in enumerate(zip(factors, dense, strict=True)):
+    p = q.T @ q if is_dense else q * q
+    x = _apply_on_axis(p, x, axis, is_dense)
+  return x
+
+
+def _norm_lower_bound(a):
+  """A cheap lower bound of the spectral norm of a symmetric matrix (two power iterations)."""
+  scale = jnp.max(jnp.abs(a))
+  safe = jnp.where(scale > 0, scale, 1.0)
+  a = a / safe
+  tiny = jnp.finfo(a.dtype).tiny
+  x = jnp.take(a, jnp.argmax(jnp.sum(a * a, axis=1)), axis=0)
+  for _ in range(2):
+    x = x / (jnp.linalg.norm(x) + tiny)
+    x = a @ x
+  x = x / (jnp.linalg.norm(x) + tiny)
+  return jnp.where(scale > 0, safe * jnp.linalg.norm(a @ x), 0.0)
+
+
+def _procrustes_rotation(q):
+  """Rotates ``q`` towards symmetric positive definite (online orthogonal Procrustes step).
+
+  ``q ← U q`` with ``U = exp(a R) ≈ I + aR + (aR)²/2``, ``R = qᵀ - q`` normalised to unit
+  Frobenius norm, and ``a ≤ 1/4`` from an exact line search of ``tr(U q)`` along the quadratic
+  model. ``U`` is orthogonal to fourth order, so ``P = qᵀ q`` is preserved.
+  """
+  r = q.T - q
+  r = r / (jnp.linalg.norm(r) + jnp.finfo(q.dtype).tiny)
+  rq = r @ q
+  rrq = r @ rq
+  tr_rq, tr_rrq = jnp.trace(rq), jnp.trace(rrq)
+  safe = jnp.where(tr_rrq < 0, tr_rrq, -1.0)
+  a = jnp.where(tr_rrq < 0, jnp.minimum(-tr_rq / safe, _PROCRUSTES_MAX_STEP), _PROCRUSTES_MAX_STEP)
+  a = jnp.where(tr_rq > 0, a, 0.0)
+  return q + a * (rq + 0.5 * a * rrq)
+
+
+def _balance(factors):
+  """Rescales factors to equal max-abs (their geometric mean); ``Q`` itself is unchanged."""
+  if len(factors) < 2:
+    return factors
+  norms = jnp.stack([jnp.max(jnp.abs(q)) for q in factors])
+  ok = jnp.all(norms > 0) & jnp.all(jnp.isfinite(norms))
+  safe = jnp.where(ok, norms, 1.0)
+  gmean = jnp.exp(jnp.mean(jnp.log(safe)))
+  return tuple(q * (gmean / n) for q, n in zip(factors, safe, strict=True))
+
+
+def _initial_scale(h, v):
+  """Scale of Q from the first fitting pair: (mean h⁴ / mean v⁴)^(-1/8), 1 if undefined."""
+  h4 = jnp.mean(h**4)
+  v4 = 1.0 if v is None else jnp.mean(v**4)
+  ok = (h4 > 0) & jnp.isfinite(h4) & (v4 > 0)
+  ratio = jnp.where(ok, h4 / jnp.where(ok, v4, 1.0), 1.0)
+  scale = ratio ** (-1.0 / 8.0)
+  return jnp.where(jnp.isfinite(scale) & (scale > 0), scale, 1.0)
+
+
+@dataclasses.dataclass(frozen=True)
+class _FitConfig:
+  geometry: str
+  criterion: str
+  damping: Any
+  lipschitz_decay: Any
+  auto_init: bool
+
+
+def _refit_leaf(factors, lips, h, v, noise, lr, first_step, plan, cfg):
+  """One Lie-group step of every factor of one (unstacked) tensor.
+
+  Args:
+    factors: tuple of factors in the compute dtype.
+    lips: tuple of float32 Lipschitz estimates.
+    h: the fitting target: gradient/momentum (whitening) or Hessian-vector product (newton).
+    v: the probe of the Hessian-vector product (newton), or None (whitening).
+    noise: standard normal tensor like ``h``.
+    lr: the preconditioner learning rate μ.
+    first_step: bool scalar; with ``cfg.auto_init`` the factors are first rescaled from (h, v).
+    plan: the leaf's static plan.
+    cfg: static fitting configuration.
+
+  Returns:
+    The new factors and Lipschitz estimates.
+  """
+  dense = plan.dense
+  order = len(factors)
+  if cfg.auto_init:
+    scale = jnp.where(first_step, _initial_scale(h, v), 1.0) ** (1.0 / order)
+    factors = tuple(q * scale.astype(q.dtype) for q in factors)
+  eps = jnp.finfo(h.dtype).eps
+  damped = h + (cfg.damping + eps * jnp.abs(h)) * noise
+  numel = h.size
+  if cfg.geometry == "triangular":
+    probe = noise if v is None else v  # whitening: v is the damping noise itself (independent of h)
+    a = damped
+    for axis, (q, is_dense) in enumerate(zip(factors, dense, strict=True)):
+      a = _apply_on_axis(q, a, axis, is_dense)
+    b = probe
+    for axis, (q, is_dense) in enumerate(zip(factors, dense, strict=True)):
+      b = _solve_transposed(q, b, axis, is_dense)
+  else:
+    a = _precondition(factors, damped, dense)
+    b = v
+  new_factors, new_lips = [], []
+  for axis, (q, lip, is_dense) in enumerate(zip(factors, lips, dense, strict=True)):
+    term1 = _gram(a, axis, is_dense)
+    if b is None:  # procrustes whitening: E[v vᵀ] = I integrated out
+      term2_scalar = numel / q.shape[0]
+      term2 = term2_scalar * (jnp.eye(q.shape[0], dtype=q.dtype) if is_dense else 1.0)
+      bound = (_norm_lower_bound(term1) if is_dense else jnp.max(term1)) + term2_scalar
+    else:
+      term2 = _gram(b, axis, is_dense)
+      total = term1 + term2
+      bound = _norm_lower_bound(total) if is_dense else jnp.max(total)
+    bound = bound.astype(jnp.float32)
+    lip = jnp.maximum(cfg.lipschitz_decay * lip + (1.0 - cfg.lipschitz_decay) * bound, bound)
+    step = (lr / jnp.maximum(lip, jnp.finfo(jnp.float32).tiny)).astype(q.dtype)
+    diff = term1 - term2
+    if is_dense:
+      if cfg.geometry == "triangular":
+        diff = jnp.triu(diff)
+      q = q - step * (diff @ q)
+      if cfg.geometry == "procrustes":
+        q = _procrustes_rotation(q)
+    else:
+      q = q - step * diff * q
+    new_factors.append(q)
+    new_lips.append(lip)
+  return _balance(tuple(new_factors)), tuple(new_lips)
+
+
+def _maybe_vmap(fn, stacked, in_axes=0):
+  return jax.vmap(fn, in_axes=in_axes) if stacked else fn
+
+
+# ---------------------------------------------------------------------------------------------
+# The transform.
+# ---------------------------------------------------------------------------------------------
+
+
+def _check_choice(name, value, choices):
+  if value not in choices:
+    raise ValueError(f"{_OWNER}: unknown `{name}` {value!r}; expected one of {choices}.")
+
+
+def _as_key_data(key):
+  if isinstance(key, int | np.integer) and not isinstance(key, bool):
+    return jax.random.key_data(jax.random.key(int(key)))
+  if _common.is_traced(key) and jnp.issubdtype(key.dtype, jnp.integer) and key.ndim == 0:
+    return jax.random.key_data(jax.random.key(key))
+  if isinstance(key, jax.Array | np.ndarray):
+    if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
+      return jax.random.key_data(key)
+    if jnp.issubdtype(key.dtype, jnp.integer) and key.ndim == 0:
+      return jax.random.key_data(jax.random.key(key))
+    if key.dtype == jnp.uint32 and key.ndim == 1:
+      return jnp.asarray(key)
+  raise ValueError(
+      f"{_OWNER}: `key` must be an int or a JAX PRNG key (typed or raw uint32), got {key!r}."
+  )
+
+
+def _resolve_stacked(stacked_layers, params):
+  if stacked_layers is None:
+    return [False] * len(jax.tree.leaves(params))
+  mask = _common.resolve_mask(stacked_layers, params)
+  return jax.tree.leaves(mask)
+
+
+def scale_by_kron(
+    b1: float | None = 0.9,
+    nesterov: bool = False,
+    precond_lr: optax.ScalarOrSchedule = 0.1,
+    precond_update_prob: optax.ScalarOrSchedule | None = None,
+    precond_init_scale: float | None = None,
+    criterion: str = "whitening",
+    geometry: str = "procrustes",
+    precond_fit_on: str = "momentum",
+    max_size_dense: int | None = None,
+    min_ndim_dense: int | None = None,
+    max_skew_dense: float | None = None,
+    memory_save_mode: str | None = None,
+    damping: float = 1e-9,
+    lipschitz_decay: float = 0.9,
+    update_clip: float | None = 1.1,
+    mu_dtype: Any = None,
+    precond_dtype: Any = None,
+    stacked_layers: Any = None,
+    key: int | jax.Array = 0,
+) -> optax.GradientTransformationExtraArgs:
+  r"""Preconditions updates with Li's Kronecker-factored PSGD preconditioner.
+
+  For each leaf (any rank) the preconditioner is :math:`P = Q^\top Q` with
+  :math:`Q = Q_1 \otimes \dots \otimes Q_r`, one factor per axis. With :math:`t` the 1-based step:
+
+  .. math::
+
+    m_t &= b_1 m_{t-1} + (1 - b_1) g_t, \qquad \hat m_t = m_t / (1 - b_1^t) \\
+    u_t &= P_t \hat m_t \,/\, \max(1, \mathrm{RMS}(P_t \hat m_t) / \texttt{update\_clip})
+
+  :math:`Q` is fitted online, on a fraction ``precond_update_prob`` of the steps, by a Lie-group
+  gradient step on :math:`E[h^\top P h + v^\top P^{-1} v]` over pairs :math:`(v, h)`:
+
+  * ``criterion='whitening'``: :math:`h = \hat m_t` (or :math:`g_t`, ``precond_fit_on``) and
+    :math:`v \sim N(0, I)` independent of it; the fixed point is
+    :math:`P = E[h h^\top]^{-1/2}` (Kronecker approximation), so :math:`P \hat m` has RMS ≈ 1.
+  * ``criterion='newton'``: :math:`v \sim N(0, I)` and :math:`h = H v`, a Hessian-vector product
+    of ``obj_fn`` (passed to ``update``); the fixed point is :math:`P = |H|^{-1}`.
+
+  :math:`h` is damped to :math:`h + (\texttt{damping} + \epsilon |h|)\,n`, :math:`n \sim N(0, I)`,
+  so :math:`P \preceq I/\texttt{damping}` and zero gradients cannot produce 0/0. With
+  :math:`A = Q h`, :math:`B = Q^{-\top} v` and :math:`\mathrm{term}_{1,i}, \mathrm{term}_{2,i}`
+  their Gram matrices along axis :math:`i` (all other axes contracted), each factor takes a step
+  of size :math:`\mu / L_i` (``precond_lr`` :math:`\mu`), where
+  :math:`L_i \leftarrow \max(\beta_L L_i + (1 - \beta_L) \ell_i, \ell_i)` (``lipschitz_decay``
+  :math:`\beta_L`) and :math:`\ell_i` is a lower bound of the spectral norm of
+  :math:`\mathrm{term}_{1,i} + \mathrm{term}_{2,i}`:
+
+  * ``geometry='triangular'`` (Li 2019, upper-triangular Lie group):
+    :math:`Q_i \leftarrow Q_i - \tfrac{\mu}{L_i} \mathrm{triu}(\mathrm{term}_{1,i} -
+    \mathrm{term}_{2,i})\, Q_i`, with triangular solves for :math:`B`.
+  * ``geometry='procrustes'`` (Li 2024, "Q0.5EQ1.5"): :math:`A = P h`, :math:`\mathrm{term}_{2,i}`
+    integrated out analytically for whitening, :math:`Q_i \leftarrow Q_i - \tfrac{\mu}{L_i}
+    (\mathrm{term}_{1,i} - \mathrm{term}_{2,i}) Q_i` followed by a small orthogonal rotation that
+    keeps :math:`Q_i` symmetric positive definite. Matmuls only, no solves.
+  * Diagonal factors: :math:`q_i \leftarrow q_i (1 - \tfrac{\mu}{L_i}(\mathrm{diag\,term}_{1,i} -
+    \mathrm{diag\,term}_{2,i}))`.
+
+  After each fit the factors are rebalanced to equal max-abs. Which factors are dense: an axis
+  gets a diagonal factor when its size is 1, above ``max_size_dense``, when the tensor has fewer
+  than ``min_ndim_dense`` axes, when ``size² > max_skew_dense · numel`` (e.g. the vocabulary axis
+  of an embedding, or the wide axis of any non-square matrix at the default 1.0), or by
+  ``memory_save_mode``. Vectors get a diagonal ``Q`` and scalars a scalar one.
+
+  The refit schedule is deterministic: the probabilities are summed from the step count and the
+  preconditioner is refitted whenever the sum reaches an integer (identical on every device),
+  inside one top-level ``lax.cond`` that does no fitting work on other steps.
+
+  Args:
+    b1: momentum :math:`b_1` in [0, 1); 0 or None for none.
+    nesterov: use Nesterov momentum.
+    precond_lr: :math:`\mu`, float or schedule of the step count.
+    precond_update_prob: probability of refitting :math:`Q` per step, float in (0, 1] or a
+      schedule; None means :func:`precond_update_prob_schedule` (1 for 500 steps, then → 0.03).
+    precond_init_scale: initial :math:`Q = s I`; None sets :math:`s` from the first fitting pair
+      (``(mean h⁴ / mean v⁴)^(-1/8)`` per leaf, 1 for zero or non-finite gradients).
+    criterion: ``'whitening'`` or ``'newton'``.
+    geometry: ``'procrustes'`` (default) or ``'triangular'``.
+    precond_fit_on: whitening target: ``'momentum'`` (:math:`\hat m_t`) or ``'gradient'``.
+    max_size_dense: largest axis with a dense factor; None means 8192.
+    min_ndim_dense: tensors with fewer axes get only diagonal factors; None means 2.
+    max_skew_dense: an axis is diagonal when ``size² > max_skew_dense · numel``; None means 1.0.
+      Pass ``float('inf')`` to disable.
+    memory_save_mode: None, ``'one_diag'`` (largest axis diagonal) or ``'all_diag'``.
+    damping: the constant damping of the fitting target (>= 0).
+    lipschitz_decay: :math:`\beta_L` in [0, 1).
+    update_clip: largest RMS of a preconditioned update per tensor (per layer when stacked);
+      None disables the clip.
+    mu_dtype: momentum dtype; None means the gradient's.
+    precond_dtype: dtype of the factors (bfloat16 works); None means float32 (float64 for
+      float64 params). Gram terms, norms and solves always run in float32 or wider.
+    stacked_layers: pytree of bools (prefix of the params, or a callable of them): True where a
+      leaf's leading axis stacks layers (``nn.scan``); each layer gets its own factors (vmapped).
+    key: int seed or JAX PRNG key for the probes; stored in the state and split every step.
+
+  Returns:
+    An :class:`optax.GradientTransformationExtraArgs` whose state is :class:`KronState`. Its
+    ``update(updates, state, params=None, *, obj_fn=None, **extra_args)`` needs ``params`` and
+    ``obj_fn`` (params -> scalar loss) with ``criterion='newton'``.
+
+  References:
+    Li, `Preconditioned Stochastic Gradient Descent <https://arxiv.org/abs/1512.04202>`_, 2018.
+
+    Li, `Preconditioner on Matrix Lie Group for SGD <https://arxiv.org/abs/1809.10232>`_, 2019.
+
+    Li, `Stochastic Hessian Fittings with Lie Groups <https://arxiv.org/abs/2402.11858>`_, 2024.
+
+  Example:
+    >>> import jax
+    >>> import jax.numpy as jnp
+    >>> import optax_rlx
+    >>> tx = optax_rlx.scale_by_kron(key=0)
+    >>> params = {'w': jnp.zeros((4, 4)), 'emb': jnp.zeros((64, 8)), 'b': jnp.zeros(3)}
+    >>> state = tx.init(params)
+    >>> [[q.shape for q in state.Qs[k]] for k in ('w', 'emb', 'b')]  # 64² > 64·8: diagonal
+    [[(4, 4), (4, 4)], [(64,), (8, 8)], [(3,)]]
+    >>> grads = jax.tree.map(jnp.ones_like, params)
+    >>> updates, state = tx.update(grads, state)
+    >>> updates['emb'].shape, int(state.count)
+    ((64, 8), 1)
+  """
+  check = _common.check_number
+  check(_OWNER, "b1", b1, low=0.0, high=1.0, high_open=True, allow_none=True)
+  check(_OWNER, "precond_lr", precond_lr, low=0.0, low_open=True, allow_schedule=True)
+  check(_OWNER, "precond_update_prob", precond_update_prob, low=0.0, high=1.0, low_open=True,
+        allow_none=True, allow_schedule=True)
+  check(_OWNER, "precond_init_scale", precond_init_scale, low=0.0, low_open=True, allow_none=True)
+  check(_OWNER, "damping", damping, low=0.0)
+  check(_OWNER, "lipschitz_decay", lipschitz_decay, low=0.0, high=1.0, high_open=True)
+  check(_OWNER, "update_clip", update_clip, low=0.0, low_open=True, allow_none=True)
+  check(_OWNER, "max_skew_dense", max_skew_dense, low=0.0, low_open=True, allow_none=True,
+        allow_inf=True)
+  _check_choice("criterion", criterion, _CRITERIA)
+  _check_choice("geometry", geometry, _GEOMETRIES)
+  _check_choice("precond_fit_on", precond_fit_on, _FIT_ON)
+  _check_choice("memory_save_mode", memory_save_mode, _MEMORY_SAVE_MODES)
+  if not isinstance(nesterov, bool | np.bool_):
+    raise ValueError(f"{_OWNER}: `nesterov` must be a bool, got {nesterov!r}.")
+  max_size = (
+      _DEFAULT_MAX_SIZE_DENSE
+      if max_size_dense is None
+      else _common.static_int(_OWNER, "max_size_dense", max_size_dense, low=1)
+  )
+  min_ndim = (
+      _DEFAULT_MIN_NDIM_DENSE
+      if min_ndim_dense is None
+      else _common.static_int(_OWNER, "min_ndim_dense", min_ndim_dense, low=0)
+  )
+  if max_skew_dense is None:
+    max_skew = _DEFAULT_MAX_SKEW_DENSE
+  elif _common.is_traced(max_skew_dense):
+    raise ValueError(
+        f"{_OWNER}: `max_skew_dense` decides the state's shapes and must be static; with "
+        f"`optax.inject_hyperparams`, pass `static_args=('max_skew_dense',)`."
+    )
+  else:
+    max_skew = float(max_skew_dense)
+  for name, dtype in (("mu_dtype", mu_dtype), ("precond_dtype", precond_dtype)):
+    if dtype is not None:
+      try:
+        kind = jnp.dtype(dtype)
+      except TypeError as e:
+        raise ValueError(f"{_OWNER}: `{name}` {dtype!r} is not a dtype.") from e
+      if not jnp.issubdtype(kind, jnp.floating):
+        raise ValueError(f"{_OWNER}: `{name}` must be a floating dtype, got {kind.name}.")
+  key_data = _as_key_data(key)
+  use_momentum = b1 is not None and not _common.is_zero(b1)
+  update_prob = precond_update_prob_schedule() if precond_update_prob is None else (
+      precond_update_prob
+  )
+  fit_cfg = _FitConfig(
+      geometry=geometry,
+      criterion=criterion,
+      damping=damping,
+      lipschitz_decay=lipschitz_decay,
+      auto_init=precond_init_scale is None,
+  )
+
+  def plans_for(tree):
+    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+    stacked = _resolve_stacked(stacked_layers, tree)
+    return [
+        _make_plan(tuple(x.shape), bool(s), max_size, min_ndim, max_skew, memory_save_mode,
+                   _common.path_str(path))
+        for (path, x), s in zip(leaves, stacked, strict=True)
+    ]
+
+  def factor_dtype(param_dtype):
+    return jnp.dtype(precond_dtype) if precond_dtype is not None else _common.stats_dtype(
+        param_dtype
+    )
+
+  def init_fn(params):
+    _common.check_real_float_leaves(_OWNER, params, "params")
+    treedef = jax.tree.structure(params)
+    leaves = jax.tree.leaves(params)
+    scale = 1.0 if precond_init_scale is None else precond_init_scale
+    qs, ls = [], []
+    for p, plan in zip(leaves, plans_for(params), strict=True):
+      dtype = factor_dtype(p.dtype)
+      per_factor = jnp.asarray(scale, jnp.float32) ** (1.0 / len(plan.shape))
+      factors = tuple(
+          (per_factor * (jnp.eye(d) if is_dense else jnp.ones(d))).astype(dtype)
+          for d, is_dense in zip(plan.shape, plan.dense, strict=True)
+      )
+      lips = tuple(jnp.zeros([], jnp.float32) for _ in plan.shape)
+      if plan.stacked:
+        n = plan.leaf_shape[0]
+        factors = tuple(jnp.broadcast_to(q, (n, *q.shape)) for q in factors)
+        lips = tuple(jnp.zeros((n,), jnp.float32) for _ in lips)
+      qs.append(factors)
+      ls.append(lips)
+    if use_momentum:
+      mu = jax.tree.map(
+          lambda p: jnp.zeros(p.shape, mu_dtype if mu_dtype is not None else p.dtype), params
+      )
+    else:
+      mu = ()
+    return KronState(
+        count=jnp.zeros([], jnp.int32),
+        key=key_data,
+        precond_acc=jnp.ones([], jnp.float32),
+        mu=mu,
+        Qs=treedef.unflatten(qs),
+        Ls=treedef.unflatten(ls),
+    )
+
+  def check_state(updates, state, params):
+    if not isinstance(state, KronState):
+      raise ValueError(f"{_OWNER}: expected a KronState, got {type(state).__name__}.")
+    _common.check_real_float_leaves(_OWNER, updates, "the updates")
+    treedef = jax.tree.structure(updates)
+    try:
+      qs = treedef.flatten_up_to(state.Qs)
+    except (ValueError, TypeError):
+      _common.check_same_structure(
+          _OWNER, jax.tree.map(lambda _: 0, state.Qs, is_leaf=lambda x: isinstance(x, tuple)),
+          "the optimizer state", updates, "the updates",
+      )
+      raise
+    if params is not None:
+      _common.check_same_shapes(_OWNER, params, "the params", updates, "the updates")
+    plans = plans_for(updates)
+    for (path, g), plan, factors in zip(
+        jax.tree_util.tree_flatten_with_path(updates)[0], plans, qs, strict=True
+    ):
+      lead = (plan.leaf_shape[0],) if plan.stacked else ()
+      expected = tuple(
+          (*lead, d, d) if is_dense else (*lead, d)
+          for d, is_dense in zip(plan.shape, plan.dense, strict=True)
+      )
+      got = tuple(tuple(q.shape) for q in factors)
+      if got != expected:
+        raise ValueError(
+            f"{_OWNER}: leaf {_common.path_str(path)} has gradient shape {tuple(g.shape)}, which "
+            f"does not match its preconditioner factors {got}."
+        )
+    return plans, treedef
+
+  def update_fn(updates, state, params=None, obj_fn=None, **extra_args):
+    del extra_args
+    plans, treedef = check_state(updates, state, params)
+    if criterion == "newton":
+      if obj_fn is None:
+        raise ValueError(
+            f"{_OWNER}: criterion='newton' needs `obj_fn` (params -> scalar loss) passed to "
+            f"`update(grads, state, params, obj_fn=...)`."
+        )
+      if params is None:
+        raise ValueError(f"{_OWNER}: criterion='newton' needs `params` passed to `update`.")
+    count = state.count
+    count_inc = optax.safe_increment(count)
+    grads = jax.tree.leaves(updates)
+
+    if use_momentum:
+      mu = jax.tree.map(
+          lambda g, m: (1.0 - b1) * g + b1 * m.astype(jnp.promote_types(m.dtype, g.dtype)),
+          updates, state.mu,
+      )
+      t = count_inc.astype(jnp.float32)
+      debias = 1.0 - b1**t
+      if nesterov:
+        debias_next = 1.0 - b1 ** (t + 1.0)
+        m_hat = jax.tree.map(
+            lambda m, g: b1 * m / debias_next + (1.0 - b1) * g / debias, mu, updates
+        )
+      else:
+        m_hat = jax.tree.map(lambda m: m / debias, mu)
+      new_mu = jax.tree.map(lambda m, old: m.astype(old.dtype), mu, state.mu)
+      m_hat = jax.tree.leaves(m_hat)
+    else:
+      new_mu = state.mu
+      m_hat = grads
+
+    prob = jnp.clip(jnp.asarray(_common.schedule_value(update_prob, count), jnp.float32), 0, 1)
+    acc = state.precond_acc + prob
+    do_refit = acc >= 1.0
+    new_acc = jnp.where(do_refit, acc - 1.0, acc)
+    key, refit_key = jax.random.split(jax.random.wrap_key_data(state.key))
+    lr = jnp.asarray(_common.schedule_value(precond_lr, count), jnp.float32)
+    fit_targets = m_hat if precond_fit_on == "momentum" else grads
+    qs = treedef.flatten_up_to(state.Qs)
+    ls = treedef.flatten_up_to(state.Ls)
+    param_leaves = jax.tree.leaves(params) if params is not None else None
+
+    def refit(qs, ls):
+      keys = jax.random.split(refit_key, 2 * len(grads) + 1)
+      if criterion == "newton":
+        probes = [
+            jax.random.normal(k, p.shape, p.dtype)
+            for k, p in zip(keys[len(grads) : 2 * len(grads)], param_leaves, strict=True)
+        ]
+        tangent = treedef.unflatten(probes)
+        hvp = jax.jvp(jax.grad(obj_fn), (params,), (tangent,))[1]
+        targets, probes = jax.tree.leaves(hvp), probes
+      else:
+        targets, probes = fit_targets, [None] * len(grads)
+      out_q, out_l = [], []
+      for plan, factors, lips, h, v, k in zip(
+          plans, qs, ls, targets, probes, keys[: len(grads)], strict=True
+      ):
+        compute = _common.stats_dtype(h.dtype)
+        inner_shape = ((plan.leaf_shape[0],) if plan.stacked else ()) + plan.shape
+        h32 = h.astype(compute).reshape(inner_shape)
+        v32 = None if v is None else v.astype(compute).reshape(inner_shape)
+        noise = jax.random.normal(k, inner_shape, compute)
+        f32 = tuple(q.astype(compute) for q in factors)
+
+        def fit(f, lp, hh, vv, nn, plan=plan):
+          return _refit_leaf(f, lp, hh, vv, nn, lr, count == 0, plan, fit_cfg)
+
+        in_axes = (0, 0, 0, None if v32 is None else 0, 0)
+        new_f, new_l = _maybe_vmap(fit, plan.stacked, in_axes)(f32, lips, h32, v32, noise)
+        out_q.append(tuple(q.astype(old.dtype) for q, old in zip(new_f, factors, strict=True)))
+        out_l.append(tuple(new_l))
+      return out_q, out_l
+
+    qs, ls = jax.lax.cond(do_refit, refit, lambda q, l: (q, l), qs, ls)
+
+    out = []
+    for plan, factors, m, g in zip(plans, qs, m_hat, grads, strict=True):
+      compute = _common.stats_dtype(m.dtype)
+      inner_shape = ((plan.leaf_shape[0],) if plan.stacked else ()) + plan.shape
+
+      def apply(f, x, plan=plan, compute=compute):
+        u = _precondition(tuple(q.astype(compute) for q in f), x, plan.dense)
+        if update_clip is not None:
+          u = u / jnp.maximum(1.0, jnp.sqrt(jnp.mean(u * u)) / update_clip)
+        return u
+
+      u = _maybe_vmap(apply, plan.stacked)(factors, m.astype(compute).reshape(inner_shape))
+      out.append(u.reshape(g.shape).astype(g.dtype))
+
+    new_state = KronState(
+        count=count_inc,
+        key=jax.random.key_data(key),
+        precond_acc=new_acc,
+        mu=new_mu,
+        Qs=treedef.unflatten(qs),
+        Ls=treedef.unflatten(ls),
+    )
+    return treedef.unflatten(out), new_state
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def kron(
+    learning_rate: optax.ScalarOrSchedule,
+    b1: float | None = 0.9,
+    weight_decay: float = 0.0,
+    weight_decay_mask: Any = None,
+    nesterov: bool = False,
+    precond_lr: optax.ScalarOrSchedule = 0.1,
+    precond_update_prob: optax.ScalarOrSchedule | None = None,
+    precond_init_scale: float | None = None,
+    criterion: str = "whitening",
+    geometry: str = "procrustes",
+    precond_fit_on: str = "momentum",
+    max_size_dense: int | None = None,
+    min_ndim_dense: int | None = None,
+    max_skew_dense: float | None = None,
+    memory_save_mode: str | None = None,
+    damping: float = 1e-9,
+    lipschitz_decay: float = 0.9,
+    update_clip: float | None = 1.1,
+    mu_dtype: Any = None,
+    precond_dtype: Any = None,
+    stacked_layers: Any = None,
+    key: int | jax.Array = 0,
+) -> optax.GradientTransformationExtraArgs:
+  r"""The Kron-PSGD optimizer: :func:`scale_by_kron`, decoupled weight decay, learning rate.
+
+  .. math::
+
+    \theta_t = \theta_{t-1} - \eta_t\,(u_t + \lambda\,\theta_{t-1})
+
+  with :math:`u_t` the clipped preconditioned momentum of :func:`scale_by_kron`,
+  :math:`\eta_t` = ``learning_rate`` (float or schedule) and :math:`\lambda` = ``weight_decay``
+  applied where ``weight_decay_mask`` is True (everywhere when None). Whitened updates have
+  RMS ≈ 1, so learning rates are of the order of Adam's (1e-4 to 1e-2).
+
+  Args:
+    learning_rate: :math:`\eta_t`, float or optax schedule.
+    b1: momentum, see :func:`scale_by_kron`.
+    weight_decay: :math:`\lambda` >= 0.
+    weight_decay_mask: pytree of bools (prefix of the params) or a callable of the params.
+    nesterov: see :func:`scale_by_kron`.
+    precond_lr: see :func:`scale_by_kron`.
+    precond_update_prob: see :func:`scale_by_kron`.
+    precond_init_scale: see :func:`scale_by_kron`.
+    criterion: see :func:`scale_by_kron`.
+    geometry: see :func:`scale_by_kron`.
+    precond_fit_on: see :func:`scale_by_kron`.
+    max_size_dense: see :func:`scale_by_kron`.
+    min_ndim_dense: see :func:`scale_by_kron`.
+    max_skew_dense: see :func:`scale_by_kron`.
+    memory_save_mode: see :func:`scale_by_kron`.
+    damping: see :func:`scale_by_kron`.
+    lipschitz_decay: see :func:`scale_by_kron`.
+    update_clip: see :func:`scale_by_kron`.
+    mu_dtype: see :func:`scale_by_kron`.
+    precond_dtype: see :func:`scale_by_kron`.
+    stacked_layers: see :func:`scale_by_kron` (list it in ``static_args`` of
+      ``optax.inject_hyperparams`` when it is a callable).
+    key: see :func:`scale_by_kron`.
+
+  Returns:
+    An :class:`optax.GradientTransformationExtraArgs`; pass ``obj_fn`` to ``update`` with
+    ``criterion='newton'``.
+
+  References:
+    Li, `Preconditioned Stochastic Gradient Descent <https://arxiv.org/abs/1512.04202>`_, 2018.
+
+    Li, `Stochastic Hessian Fittings with Lie Groups <https://arxiv.org/abs/2402.11858>`_, 2024.
+
+  Example:
+    >>> import jax
+    >>> import jax.numpy as jnp
+    >>> import optax
+    >>> import optax_rlx
+    >>> A = jnp.diag(jnp.logspace(0, 2, 8))  # condition number 1e4 for the quadratic
+    >>> def loss(w):
+    ...   return 0.5 * jnp.sum((A @ w - 1.0) ** 2)
+    >>> tx = optax_rlx.kron(optax.cosine_decay_schedule(0.1, 500), key=0)
+    >>> @jax.jit
+    ... def step(w, state):
+    ...   updates, state = tx.update(jax.grad(loss)(w), state, w)
+    ...   return optax.apply_updates(w, updates), state
+    >>> w = jnp.zeros((8, 1))
+    >>> state = tx.init(w)
+    >>> for _ in range(500):
+    ...   w, state = step(w, state)
+    >>> print(f"{loss(jnp.zeros((8, 1))):.1f} -> {loss(w):.1e}")
+    4.0 -> ...
+  """
+  _common.check_number(_OWNER, "learning_rate", learning_rate, low=0.0, allow_schedule=True)
+  _common.check_number(_OWNER, "weight_decay", weight_decay, low=0.0)
+  chain = [
+      scale_by_kron(
+          b1=b1,
+          nesterov=nesterov,
+          precond_lr=precond_lr,
+          precond_update_prob=precond_update_prob,
+          precond_init_scale=precond_init_scale,
+          criterion=criterion,
+          geometry=geometry,
+          precond_fit_on=precond_fit_on,
+          max_size_dense=max_size_dense,
+          min_ndim_dense=min_ndim_dense,
+          max_skew_dense=max_skew_dense,
+          memory_save_mode=memory_save_mode,
+          damping=damping,
+          lipschitz_decay=lipschitz_decay,
+          update_clip=update_clip,
+          mu_dtype=mu_dtype,
+          precond_dtype=precond_dtype,
+          stacked_layers=stacked_layers,
+          key=key,
+      )
+  ]
+  if not _common.is_zero(weight_decay):
+    chain.append(optax.add_decayed_weights(weight_decay, weight_decay_mask))
+  chain.append(optax.scale_by_learning_rate(learning_rate))
+  return optax.chain(*chain)
