@@ -49,7 +49,7 @@ def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--steps", type=int, default=25, help="timed steps per optimizer (>= 20)")
   parser.add_argument("--warmup", type=int, default=3)
-  parser.add_argument("--layers", type=int, default=12, help="transformer blocks (12 = GPT-2 small)")
+  parser.add_argument("--layers", type=int, default=12, help="blocks (12 = GPT-2 small)")
   args = parser.parse_args()
 
   params = gpt2_small_params(args.layers)
@@ -80,7 +80,8 @@ def main():
   median = {name: statistics.median(t) * 1e3 for name, t in times.items()}
   base, adam = median["optax.adafactor(1e-2)"], median["optax.adam(1e-3)"]
   print(f"GPT-2-small shapes: {args.layers} layers, {num_params / 1e6:.1f}M fp32 params; "
-        f"median of {args.steps} jitted updates after {args.warmup} warm-up; jax {jax.__version__}, "
+        f"median of {args.steps} jitted updates after {args.warmup} warm-up; "
+        f"jax {jax.__version__}, "
         f"optax {optax.__version__}, {jax.devices()[0].platform}, {platform.machine()}, "
         f"{jax.local_device_count()} device(s)\n")
   print("| optimizer | update ms (median) | vs optax.adafactor | vs adam | state bytes | "

@@ -1,7 +1,6 @@
 """Kron-PSGD: preconditioned SGD with a Kronecker-factored preconditioner fitted on a Lie group."""
 
 import dataclasses
-from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
@@ -149,7 +148,7 @@ def _gram(x, axis, dense):
 
 
 def _solve_transposed(factor, x, axis, dense):
-  """``Q_iᵀ⁻¹`` applied along ``axis`` of ``x`` (triangular solve for dense upper-triangular Q_i)."""
+  """``Q_i⁻ᵀ`` applied along ``axis`` of ``x`` (a triangular solve for a dense factor)."""
   if not dense:
     return x / factor.reshape(_axis_shape(x.ndim, axis, factor.shape[0]))
   moved = jnp.moveaxis(x, axis, 0)
@@ -668,7 +667,7 @@ def scale_by_kron(
         out_l.append(tuple(new_l))
       return out_q, out_l
 
-    qs, ls = jax.lax.cond(do_refit, refit, lambda q, l: (q, l), qs, ls)
+    qs, ls = jax.lax.cond(do_refit, refit, lambda q, lips: (q, lips), qs, ls)
 
     out = []
     for plan, factors, m, g in zip(plans, qs, m_hat, grads, strict=True):
