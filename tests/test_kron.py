@@ -440,13 +440,24 @@ def test_beats_adam_on_ill_conditioned_least_squares(rng):
   assert best["kron"] * 10 <= best["adam"], best
 
 
-def test_solves_rosenbrock():
+def test_beats_adam_on_rosenbrock():
+  """Best of an lr grid at 2000 steps; measured: kron 8.5e-11, adam 4.5e-6."""
+
   def loss(p):
     return (1.0 - p[0]) ** 2 + 100.0 * (p[1] - p[0] ** 2) ** 2
 
-  final = _minimise(optax_rlx.kron(optax.cosine_decay_schedule(0.01, 2000), key=0), loss,
-                    jnp.array([-1.2, 1.0]), 2000)
-  assert final < 1e-6
+  steps, start = 2000, jnp.array([-1.2, 1.0])
+  lrs = [1e-3, 3e-3, 1e-2, 3e-2, 1e-1]
+  kron_best = min(
+      _minimise(optax_rlx.kron(optax.cosine_decay_schedule(lr, steps), key=0), loss, start, steps)
+      for lr in lrs
+  )
+  adam_best = min(
+      _minimise(optax.adam(optax.cosine_decay_schedule(lr, steps)), loss, start, steps)
+      for lr in lrs
+  )
+  assert kron_best < 1e-8
+  assert kron_best * 100 <= adam_best, (kron_best, adam_best)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -497,3 +508,57 @@ def test_bad_trees_raise_value_error_naming_the_leaf():
   stacked = optax_rlx.scale_by_kron(stacked_layers=True, key=0)
   with pytest.raises(ValueError, match=r"\['s'\].*stacked"):
     stacked.init({"s": jnp.zeros(())})
+
+
+# ---------------------------------------------------------------------------------------------
+# Numerical kernels against their dense definitions.
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("n, min_block", [(5, 512), (300, 64), (515, 128)])
+def test_upper_triangular_matmul_skips_only_zero_blocks(rng, n, min_block):
+  a = np.triu(rng.standard_normal((n, n))).astype(np.float32)
+  b = np.triu(rng.standard_normal((n, n))).astype(np.float32)
+  got = np.asarray(_kron._upper_matmul(jnp.asarray(a), jnp.asarray(b), min_block=min_block))
+  np.testing.assert_allclose(got, a.astype(np.float64) @ b, rtol=1e-4, atol=1e-3)
+
+
+@pytest.mark.parametrize("shape", [(3, 40), (40, 3), (4, 5, 6), (7,)])
+def test_precondition_matches_the_explicit_kronecker_matrix(rng, shape):
+  """Both ways of applying a dense factor (via P_i, or Q_i twice) give Qᵀ Q x exactly."""
+  dense = tuple(d > 1 and len(shape) > 1 for d in shape)
+  factors = tuple(
+      jnp.asarray(np.triu(rng.standard_normal((d, d))) + 3 * np.eye(d) if is_dense
+                  else rng.uniform(0.5, 2, d), jnp.float32)
+      for d, is_dense in zip(shape, dense, strict=True)
+  )
+  x = rng.standard_normal(shape).astype(np.float32)
+  q_full = np.ones((1, 1))
+  for f, is_dense in zip(factors, dense, strict=True):
+    q_full = np.kron(q_full, np.asarray(f, np.float64) if is_dense else np.diag(np.asarray(f)))
+  expected = (q_full.T @ q_full @ x.astype(np.float64).ravel()).reshape(shape)
+  got = np.asarray(_kron._precondition(factors, jnp.asarray(x), dense))
+  np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max())
+
+
+def test_norm_lower_bounds_are_tight_lower_bounds(rng):
+  for k in [3, 20]:
+    z = rng.standard_normal((30, k)).astype(np.float32) * np.logspace(0, 1, k).astype(np.float32)
+    true = np.linalg.norm(z.astype(np.float64) @ z.T, 2)
+    dense = float(_kron._norm_lower_bound(jnp.asarray(z @ z.T)))
+    factored = float(_kron._norm_lower_bound_gram(jnp.asarray(z)))
+    for bound in (dense, factored):
+      assert 0.7 * true <= bound <= true * (1 + 1e-5)
+  assert float(_kron._norm_lower_bound_gram(jnp.zeros((5, 2)))) == 0.0
+  assert float(_kron._norm_lower_bound(jnp.zeros((5, 5)))) == 0.0
+
+
+def test_procrustes_rotation_keeps_p_and_symmetrises(rng):
+  s = rng.standard_normal((6, 6))
+  q = s @ s.T + 6 * np.eye(6)
+  q_skewed = (q + 0.05 * rng.standard_normal((6, 6))).astype(np.float32)
+  rotated = np.asarray(_kron._procrustes_rotation(jnp.asarray(q_skewed)), np.float64)
+  p_before = q_skewed.astype(np.float64).T @ q_skewed
+  np.testing.assert_allclose(rotated.T @ rotated, p_before, rtol=1e-3, atol=1e-3)
+  asym = lambda m: np.linalg.norm(m - m.T)  # noqa: E731
+  assert asym(rotated) < 0.5 * asym(q_skewed)
