@@ -100,6 +100,33 @@ def test_whitening_reaches_inverse_sqrt_covariance_matrix(rng, geometry):
 
 
 @pytest.mark.parametrize("geometry", GEOMETRIES)
+def test_whitening_reaches_target_for_a_wide_matrix(rng, geometry):
+  """(24, 4): the 24-axis Gram has rank 4 per sample, so procrustes takes its low-rank path."""
+  m, n = 24, 4
+  A, B = jnp.asarray(_factor(rng, m, 1e3)), jnp.asarray(_factor(rng, n, 1e3))
+
+  def sample(k):
+    return A @ jax.random.normal(k, (m, n)) @ B.T
+
+  # Triangular converges more slowly here (measured cond 4.5 after 4000 steps at the schedule
+  # below for procrustes), so it gets a three times larger precond_lr.
+  kw = {} if geometry == "procrustes" else {"precond_lr": optax.linear_schedule(0.3, 0.03, 3000)}
+  tx = _whitening_tx(geometry) if not kw else optax_rlx.scale_by_kron(
+      b1=None, precond_update_prob=1.0, update_clip=None, geometry=geometry,
+      max_skew_dense=float("inf"), key=3, **kw)
+  state = _fit_whitening(tx, sample, (m, n), 4000, jax.random.key(0))
+  G = jax.vmap(sample)(jax.random.split(jax.random.key(1), 4000))
+  U = jax.vmap(lambda g: _precondition(state, g, (True, True)))(G)
+  assert min(_cond(c) for c in _side_covariances(G)) > 500
+  white = [_cond(c) for c in _side_covariances(U)]
+  assert max(white) <= 2.0, white
+  if geometry == "procrustes":
+    q = np.asarray(state.Qs[0], np.float64)
+    assert np.linalg.norm(q - q.T) <= 1e-2 * np.linalg.norm(q)
+    assert np.linalg.eigvalsh((q + q.T) / 2).min() > 0
+
+
+@pytest.mark.parametrize("geometry", GEOMETRIES)
 def test_whitening_reaches_target_for_3d_tensor(rng, geometry):
   shape = (6, 5, 4)
   mats = [jnp.asarray(_factor(rng, d, 1e3)) for d in shape]
@@ -115,10 +142,10 @@ def test_whitening_reaches_target_for_3d_tensor(rng, geometry):
   assert max(_cond(c) for c in _side_covariances(U)) <= 2.0
 
 
+@pytest.mark.parametrize("m, n", [(8, 5), (40, 4)])  # (40, 4): the low-rank procrustes path
 @pytest.mark.parametrize("geometry", GEOMETRIES)
-def test_newton_reaches_inverse_hessian(rng, geometry):
+def test_newton_reaches_inverse_hessian(rng, geometry, m, n):
   """f(W) = ½‖A W B‖²: H = (B Bᵀ) ⊗ (AᵀA), so H⁻¹ g = W and P g must align with it."""
-  m, n = 8, 5
   A, B = jnp.asarray(_factor(rng, m, 1e2)), jnp.asarray(_factor(rng, n, 1e2))
 
   def loss(w):
@@ -562,3 +589,22 @@ def test_procrustes_rotation_keeps_p_and_symmetrises(rng):
   np.testing.assert_allclose(rotated.T @ rotated, p_before, rtol=1e-3, atol=1e-3)
   asym = lambda m: np.linalg.norm(m - m.T)  # noqa: E731
   assert asym(rotated) < 0.5 * asym(q_skewed)
+
+
+def test_factored_procrustes_rotation_equals_the_full_one(rng):
+  """Starting from a symmetric q, the step's asymmetry is exactly left @ rightᵀ (scaled)."""
+  n, k = 40, 4
+  s = rng.standard_normal((n, n))
+  q = jnp.asarray(s @ s.T / n + np.eye(n), jnp.float32)
+  y = jnp.asarray(rng.standard_normal((n, k)), jnp.float32)
+  w = q.T @ y
+  stepped = q - 0.01 * (y @ w.T)
+  left, right = jnp.concatenate([y, w], 1), jnp.concatenate([w, -y], 1)
+  full = np.asarray(_kron._procrustes_rotation(stepped))
+  factored = np.asarray(_kron._procrustes_rotation_factored(stepped, left, right))
+  assert np.abs(full - np.asarray(stepped)).max() > 1e-4  # the rotation did something
+  np.testing.assert_allclose(factored, full, rtol=1e-5, atol=1e-6)
+  # A generator that cancels to zero (y yᵀ - y yᵀ) leaves q exactly alone, with no NaN.
+  unchanged = _kron._procrustes_rotation_factored(q, jnp.concatenate([y, y], 1),
+                                                  jnp.concatenate([y, -y], 1))
+  np.testing.assert_array_equal(np.asarray(unchanged), np.asarray(q))
