@@ -56,17 +56,28 @@ def _fit_whitening(tx, sample, shape, steps, key):
   return run(state, jax.random.split(key, steps))
 
 
-def _whitening_tx(geometry, **kw):
+def _whitening_tx(geometry, precond_lr=None, **kw):
   return optax_rlx.scale_by_kron(
       b1=None,
       precond_update_prob=1.0,
-      precond_lr=optax.linear_schedule(0.1, 0.01, 1500),
+      precond_lr=optax.linear_schedule(0.1, 0.01, 1500) if precond_lr is None else precond_lr,
       update_clip=None,
       geometry=geometry,
       max_skew_dense=float("inf"),
       key=3,
       **kw,
   )
+
+
+def _measure_whitening(tx, sample, shape, fit_steps, num_samples):
+  """Fits on ``sample``; returns the state, P g on fresh samples, and raw / whitened conditions."""
+  state = _fit_whitening(tx, sample, shape, fit_steps, jax.random.key(0))
+  G = jax.vmap(sample)(jax.random.split(jax.random.key(1), num_samples))
+  dense = tuple(q.ndim == 2 for q in state.Qs)
+  U = jax.vmap(lambda g: _precondition(state, g, dense))(G)
+  raw = [_cond(c) for c in _side_covariances(G)]
+  white = [_cond(c) for c in _side_covariances(U)]
+  return state, U, raw, white
 
 
 # ---------------------------------------------------------------------------------------------
@@ -83,12 +94,9 @@ def test_whitening_reaches_inverse_sqrt_covariance_matrix(rng, geometry):
   def sample(k):
     return A @ jax.random.normal(k, (m, n)) @ B.T
 
-  state = _fit_whitening(_whitening_tx(geometry), sample, (m, n), 4000, jax.random.key(0))
-  G = jax.vmap(sample)(jax.random.split(jax.random.key(1), 4000))
-  U = jax.vmap(lambda g: _precondition(state, g, (True, True)))(G)
-  raw, white = _side_covariances(G), _side_covariances(U)
-  assert min(_cond(c) for c in raw) > 500
-  assert max(_cond(c) for c in white) <= 2.0, [_cond(c) for c in white]
+  state, U, raw, white = _measure_whitening(_whitening_tx(geometry), sample, (m, n), 4000, 4000)
+  assert min(raw) > 500
+  assert max(white) <= 2.0, white
   np.testing.assert_allclose(float(jnp.sqrt(jnp.mean(U**2))), 1.0, rtol=0.1)
   # The closed form, up to the scalar split between factors: P_L ∝ (A Aᵀ)^(-1/2).
   q_left = np.asarray(state.Qs[0], np.float64)
@@ -110,15 +118,10 @@ def test_whitening_reaches_target_for_a_wide_matrix(rng, geometry):
 
   # Triangular converges more slowly here (measured cond 4.5 after 4000 steps at the schedule
   # below for procrustes), so it gets a three times larger precond_lr.
-  kw = {} if geometry == "procrustes" else {"precond_lr": optax.linear_schedule(0.3, 0.03, 3000)}
-  tx = _whitening_tx(geometry) if not kw else optax_rlx.scale_by_kron(
-      b1=None, precond_update_prob=1.0, update_clip=None, geometry=geometry,
-      max_skew_dense=float("inf"), key=3, **kw)
-  state = _fit_whitening(tx, sample, (m, n), 4000, jax.random.key(0))
-  G = jax.vmap(sample)(jax.random.split(jax.random.key(1), 4000))
-  U = jax.vmap(lambda g: _precondition(state, g, (True, True)))(G)
-  assert min(_cond(c) for c in _side_covariances(G)) > 500
-  white = [_cond(c) for c in _side_covariances(U)]
+  precond_lr = None if geometry == "procrustes" else optax.linear_schedule(0.3, 0.03, 3000)
+  tx = _whitening_tx(geometry, precond_lr)
+  state, _, raw, white = _measure_whitening(tx, sample, (m, n), 4000, 4000)
+  assert min(raw) > 500
   assert max(white) <= 2.0, white
   if geometry == "procrustes":
     q = np.asarray(state.Qs[0], np.float64)
@@ -135,11 +138,9 @@ def test_whitening_reaches_target_for_3d_tensor(rng, geometry):
     z = jax.random.normal(k, shape)
     return jnp.einsum("ia,jb,kc,abc->ijk", *mats, z)
 
-  state = _fit_whitening(_whitening_tx(geometry), sample, shape, 3000, jax.random.key(0))
-  G = jax.vmap(sample)(jax.random.split(jax.random.key(1), 3000))
-  U = jax.vmap(lambda g: _precondition(state, g, (True, True, True)))(G)
-  assert min(_cond(c) for c in _side_covariances(G)) > 300
-  assert max(_cond(c) for c in _side_covariances(U)) <= 2.0
+  _, _, raw, white = _measure_whitening(_whitening_tx(geometry), sample, shape, 3000, 3000)
+  assert min(raw) > 300
+  assert max(white) <= 2.0, white
 
 
 @pytest.mark.parametrize("m, n", [(8, 5), (40, 4)])  # (40, 4): the low-rank procrustes path
