@@ -501,6 +501,10 @@ def scale_by_kron(
   of an embedding, or the wide axis of any non-square matrix at the default 1.0), or by
   ``memory_save_mode``. Vectors get a diagonal ``Q`` and scalars a scalar one.
 
+  Non-finite gradients propagate into the momentum, the factors and the update (the step is
+  visibly NaN, never silently wrong); wrap the optimizer in ``optax.apply_if_finite`` to skip such
+  steps and keep the state clean.
+
   The refit schedule is deterministic: the probabilities are summed from the step count and the
   preconditioner is refitted whenever the sum reaches an integer (identical on every device),
   inside one top-level ``lax.cond`` that does no fitting work on other steps.
@@ -880,20 +884,21 @@ def kron(
     >>> import jax.numpy as jnp
     >>> import optax
     >>> import optax_rlx
-    >>> A = jnp.diag(jnp.logspace(0, 2, 8))  # condition number 1e4 for the quadratic
+    >>> rotation = jnp.linalg.qr(jax.random.normal(jax.random.key(0), (8, 8)))[0]
+    >>> A = jnp.logspace(0, 2, 8)[:, None] * rotation  # AᵀA: condition 1e4, not diagonal
     >>> def loss(w):
-    ...   return 0.5 * jnp.sum((A @ w - 1.0) ** 2)
+    ...   return 0.5 * jnp.sum((A @ w - jnp.eye(8)) ** 2)
     >>> tx = optax_rlx.kron(optax.cosine_decay_schedule(0.1, 500), key=0)
     >>> @jax.jit
     ... def step(w, state):
     ...   updates, state = tx.update(jax.grad(loss)(w), state, w)
     ...   return optax.apply_updates(w, updates), state
-    >>> w = jnp.zeros((8, 1))
+    >>> w = jnp.zeros((8, 8))
     >>> state = tx.init(w)
     >>> for _ in range(500):
     ...   w, state = step(w, state)
-    >>> print(f"{loss(jnp.zeros((8, 1))):.1f} -> {loss(w):.1e}")
-    4.0 -> ...
+    >>> print(f"{loss(jnp.zeros((8, 8))):.1f}", bool(loss(w) < 1e-3))  # optax.adam: 0.13
+    4.0 True
   """
   _common.check_number(_OWNER, "learning_rate", learning_rate, low=0.0, allow_schedule=True)
   _common.check_number(_OWNER, "weight_decay", weight_decay, low=0.0)

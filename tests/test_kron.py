@@ -277,6 +277,21 @@ def test_bf16_preconditioner_stays_finite_over_1000_steps(rng, geometry):
   assert 0.3 < float(jnp.sqrt(jnp.mean(u.astype(jnp.float32) ** 2))) <= 1.1 * 1.01
 
 
+def test_non_finite_gradients_are_visible_and_apply_if_finite_guards_the_state():
+  params = jnp.ones((4, 3))
+  bad = params.at[0, 0].set(jnp.inf)
+  tx = optax_rlx.kron(1e-2, key=0)
+  u, _ = tx.update(bad, tx.init(params), params)
+  assert not bool(jnp.all(jnp.isfinite(u)))
+  guarded = optax.apply_if_finite(optax_rlx.kron(1e-2, key=0), max_consecutive_errors=5)
+  state = guarded.init(params)
+  u, state = guarded.update(bad, state, params)
+  assert float(jnp.max(jnp.abs(u))) == 0.0 and int(state.notfinite_count) == 1
+  inner = state.inner_state[0]
+  for leaf in jax.tree.leaves((inner.mu, inner.Qs, inner.Ls)):
+    assert bool(jnp.all(jnp.isfinite(leaf)))
+
+
 def test_update_rms_is_clipped(rng):
   tx = optax_rlx.scale_by_kron(update_clip=0.5, key=0)
   g = jnp.asarray(rng.standard_normal((6, 6)) * 100.0, jnp.float32)
