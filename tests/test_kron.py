@@ -412,6 +412,27 @@ def test_newton_needs_obj_fn_and_computes_hvp_only_on_refit_steps():
     tx.update(w, tx.init(w), obj_fn=loss)
 
 
+def test_kron_alias_passes_obj_fn_through_the_chain_under_jit():
+  A = jnp.diag(jnp.array([1.0, 10.0, 100.0]))
+
+  def loss(w):
+    return 0.5 * jnp.sum((A @ w) ** 2)
+
+  tx = optax_rlx.kron(optax.cosine_decay_schedule(0.3, 300), criterion="newton", weight_decay=0.0,
+                      key=0)
+
+  @jax.jit
+  def step(w, state):
+    updates, state = tx.update(jax.grad(loss)(w), state, w, obj_fn=loss)
+    return optax.apply_updates(w, updates), state
+
+  w = jnp.ones((3, 2))
+  state = tx.init(w)
+  for _ in range(300):
+    w, state = step(w, state)
+  assert float(loss(w)) < 1e-6 * float(loss(jnp.ones((3, 2))))
+
+
 def test_key_is_stored_split_and_reproducible():
   g = jnp.asarray(np.arange(12.0).reshape(3, 4) - 5.0)
   outs = {}
