@@ -762,6 +762,10 @@ def scale_by_kron(
       for plan, factors, lips, h, v, k in zip(
           plans, qs, ls, targets, probes, keys[: len(grads)], strict=True
       ):
+        if h.size == 0:  # an empty leaf has nothing to fit
+          out_q.append(factors)
+          out_l.append(lips)
+          continue
         compute = _common.stats_dtype(h.dtype)
         inner_shape = ((plan.leaf_shape[0],) if plan.stacked else ()) + plan.shape
         h32 = h.astype(compute).reshape(inner_shape)
@@ -785,6 +789,9 @@ def scale_by_kron(
 
     out = []
     for plan, factors, m, g in zip(plans, qs, m_hat, grads, strict=True):
+      if g.size == 0:
+        out.append(jnp.zeros_like(g))
+        continue
       compute = _common.stats_dtype(m.dtype)
       inner_shape = ((plan.leaf_shape[0],) if plan.stacked else ()) + plan.shape
 

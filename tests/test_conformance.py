@@ -266,6 +266,16 @@ def test_init_on_abstract_and_empty_trees(entry):
   assert updates == {}
 
 
+@pytest.mark.parametrize("entry", OPTIMIZERS)
+def test_empty_leaves_are_carried_along(entry):
+  tx = entry.make(0.1)
+  params = {"empty": jnp.zeros((0,)), "empty2d": jnp.zeros((0, 3)), "w": jnp.ones((2, 2))}
+  state = tx.init(params)
+  updates, new_state = jax.jit(tx.update)(_grads(params), state, params)
+  assert updates["empty2d"].shape == (0, 3) and float(jnp.abs(updates["w"]).max()) > 0
+  assert jax.tree.structure(new_state) == jax.tree.structure(state)
+
+
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16", "float64"])
 @pytest.mark.parametrize("entry", OPTIMIZERS)
 def test_updates_and_state_keep_dtypes(entry, dtype):
