@@ -144,11 +144,27 @@ def _apply_on_axis(factor, x, axis, dense):
   return jnp.moveaxis(jnp.tensordot(factor, x, axes=(1, axis)), 0, axis)
 
 
+def _explicit_replicated(x):
+  """A replicated sharding on ``x``'s mesh when ``x`` is sharded over explicit mesh axes, else None.
+
+  Under ``AxisType.Explicit`` a contraction over sharded axes must name its output sharding; the
+  factors' statistics are replicated, like the factors.
+  """
+  typeof = getattr(jax, "typeof", None)
+  sharding = getattr(typeof(x), "sharding", None) if typeof is not None else None
+  spec = getattr(sharding, "spec", None)
+  if spec is None or all(s is None for s in spec):
+    return None
+  return jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec())
+
+
 def _gram(x, axis, dense):
   """``x`` contracted with itself over every axis but ``axis``: ``(n, n)``, or its diagonal."""
   others = tuple(k for k in range(x.ndim) if k != axis)
   if dense:
-    return jnp.tensordot(x, x, axes=(others, others))
+    return jax.lax.dot_general(
+        x, x, ((others, others), ((), ())), out_sharding=_explicit_replicated(x)
+    )
   return jnp.sum(x * x, axis=others)
 
 
