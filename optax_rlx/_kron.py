@@ -763,15 +763,14 @@ def scale_by_kron(
     param_leaves = jax.tree.leaves(params) if params is not None else None
 
     def refit(qs, ls):
-      keys = jax.random.split(refit_key, 2 * len(grads) + 1)
+      keys = jax.random.split(refit_key, 2 * len(grads))
       if criterion == "newton":
         probes = [
             jax.random.normal(k, p.shape, p.dtype)
-            for k, p in zip(keys[len(grads) : 2 * len(grads)], param_leaves, strict=True)
+            for k, p in zip(keys[len(grads) :], param_leaves, strict=True)
         ]
         tangent = treedef.unflatten(probes)
-        hvp = jax.jvp(jax.grad(obj_fn), (params,), (tangent,))[1]
-        targets, probes = jax.tree.leaves(hvp), probes
+        targets = jax.tree.leaves(jax.jvp(jax.grad(obj_fn), (params,), (tangent,))[1])
       else:
         targets, probes = fit_targets, [None] * len(grads)
       out_q, out_l = [], []
