@@ -375,12 +375,7 @@ def _scale_by_adafactor_step(
   needs_params = multiply_by_parameter_scale or use_decay
 
   def init_fn(params):
-    if use_momentum:
-      mu = jax.tree.map(
-          lambda p: jnp.zeros(p.shape, mu_dtype if mu_dtype is not None else p.dtype), params
-      )
-    else:
-      mu = ()
+    mu = _common.momentum_like(params, mu_dtype) if use_momentum else ()
     return AdafactorStepState(count=jnp.zeros([], jnp.int32), mu=mu)
 
   def update_fn(updates, state, params=None, **extra_args):
@@ -530,18 +525,8 @@ def adafactor(
   check(_OWNER, "epsilon2", epsilon2, low=0.0)
   check(_OWNER, "b1", b1, low=0.0, high=1.0, high_open=True, allow_none=True)
   check(_OWNER, "weight_decay", weight_decay, low=0.0)
-  if not isinstance(multiply_by_parameter_scale, bool | np.bool_):
-    raise ValueError(
-        f"{_OWNER}: `multiply_by_parameter_scale` must be a bool, got "
-        f"{multiply_by_parameter_scale!r}."
-    )
-  if mu_dtype is not None:
-    try:
-      mu_kind = jnp.dtype(mu_dtype)
-    except TypeError as e:
-      raise ValueError(f"{_OWNER}: `mu_dtype` {mu_dtype!r} is not a dtype.") from e
-    if not jnp.issubdtype(mu_kind, jnp.floating):
-      raise ValueError(f"{_OWNER}: `mu_dtype` must be a floating dtype, got {mu_kind.name}.")
+  _common.check_bool(_OWNER, "multiply_by_parameter_scale", multiply_by_parameter_scale)
+  _common.check_float_dtype(_OWNER, "mu_dtype", mu_dtype)
   step_size = relative_step_schedule() if learning_rate is None else learning_rate
   return optax.chain(
       scale_by_adafactor(

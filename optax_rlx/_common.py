@@ -106,6 +106,31 @@ def static_int(owner: str, name: str, value: Any, *, low: int) -> int:
   return int(value)
 
 
+def check_bool(owner: str, name: str, value: Any) -> None:
+  """Raises ``ValueError`` unless ``value`` is a bool."""
+  if not isinstance(value, bool | np.bool_):
+    raise ValueError(f"{owner}: `{name}` must be a bool, got {value!r}.")
+
+
+def check_float_dtype(owner: str, name: str, dtype: Any) -> None:
+  """Raises ``ValueError`` unless ``dtype`` is None or names a floating dtype."""
+  if dtype is None:
+    return
+  try:
+    kind = jnp.dtype(dtype)
+  except TypeError as e:
+    raise ValueError(f"{owner}: `{name}` {dtype!r} is not a dtype.") from e
+  if not jnp.issubdtype(kind, jnp.floating):
+    raise ValueError(f"{owner}: `{name}` must be a floating dtype, got {kind.name}.")
+
+
+def momentum_like(params: Any, mu_dtype: Any) -> Any:
+  """Zeros shaped like ``params`` in ``mu_dtype`` (each param's own dtype when None)."""
+  return jax.tree.map(
+      lambda p: jnp.zeros(p.shape, mu_dtype if mu_dtype is not None else p.dtype), params
+  )
+
+
 def is_zero(value: Any) -> bool:
   """Whether ``value`` is a Python number equal to zero, so the work it scales can be skipped.
 

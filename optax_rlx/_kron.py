@@ -593,8 +593,7 @@ def scale_by_kron(
   _check_choice("geometry", geometry, _GEOMETRIES)
   _check_choice("precond_fit_on", precond_fit_on, _FIT_ON)
   _check_choice("memory_save_mode", memory_save_mode, _MEMORY_SAVE_MODES)
-  if not isinstance(nesterov, bool | np.bool_):
-    raise ValueError(f"{_OWNER}: `nesterov` must be a bool, got {nesterov!r}.")
+  _common.check_bool(_OWNER, "nesterov", nesterov)
   max_size = (
       _DEFAULT_MAX_SIZE_DENSE
       if max_size_dense is None
@@ -614,14 +613,8 @@ def scale_by_kron(
     )
   else:
     max_skew = float(max_skew_dense)
-  for name, dtype in (("mu_dtype", mu_dtype), ("precond_dtype", precond_dtype)):
-    if dtype is not None:
-      try:
-        kind = jnp.dtype(dtype)
-      except TypeError as e:
-        raise ValueError(f"{_OWNER}: `{name}` {dtype!r} is not a dtype.") from e
-      if not jnp.issubdtype(kind, jnp.floating):
-        raise ValueError(f"{_OWNER}: `{name}` must be a floating dtype, got {kind.name}.")
+  _common.check_float_dtype(_OWNER, "mu_dtype", mu_dtype)
+  _common.check_float_dtype(_OWNER, "precond_dtype", precond_dtype)
   key_data = _as_key_data(key)
   use_momentum = b1 is not None and not _common.is_zero(b1)
   update_prob = precond_update_prob_schedule() if precond_update_prob is None else (
@@ -669,12 +662,7 @@ def scale_by_kron(
         lips = tuple(jnp.zeros((n,), jnp.float32) for _ in lips)
       qs.append(factors)
       ls.append(lips)
-    if use_momentum:
-      mu = jax.tree.map(
-          lambda p: jnp.zeros(p.shape, mu_dtype if mu_dtype is not None else p.dtype), params
-      )
-    else:
-      mu = ()
+    mu = _common.momentum_like(params, mu_dtype) if use_momentum else ()
     return KronState(
         count=jnp.zeros([], jnp.int32),
         key=key_data,
