@@ -1,5 +1,6 @@
 """Adafactor: factored second moments with sublinear memory (Shazeer & Stern, 2018)."""
 
+import functools
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -22,11 +23,13 @@ class AdafactorState(NamedTuple):
   """State of :func:`scale_by_adafactor`.
 
   For a leaf of shape ``S`` factored over ``(row_axis, col_axis)`` (see ``factoring``), the
-  statistics are ``v_row`` of shape ``S`` without ``col_axis`` and ``v_col`` of shape ``S``
-  without ``row_axis``: ``O(rows + cols)`` numbers per matrix, one pair per slice of the other
-  (batch) axes. Unfactored leaves keep the full EMA ``v`` of shape ``S``. Unused slots hold a
-  ``(1,)`` placeholder. Statistics are float32 (float64 for float64 params) whatever the param
-  dtype.
+  statistics are ``v_row`` of shape ``S`` with ``col_axis`` reduced to size 1 and ``v_col`` of
+  shape ``S`` with ``row_axis`` reduced to size 1 (a (rows, cols) matrix has ``v_row`` (rows, 1)
+  and ``v_col`` (1, cols)): ``O(rows + cols)`` numbers per matrix, one pair per slice of the other
+  (batch) axes. Keeping the reduced axis makes every statistic's axes line up with its param's, so
+  it can take the param's sharding (see :func:`optax_rlx.state_sharding`). Unfactored leaves keep
+  the full EMA ``v`` of shape ``S``. Unused slots hold a ``(1,)`` placeholder. Statistics are
+  float32 (float64 for float64 params) whatever the param dtype.
 
   Attributes:
     count: int32 scalar, the number of updates applied so far.
@@ -138,8 +141,9 @@ def _leaf_policies(factoring: Any, tree: Any) -> list[Any]:
   return policies
 
 
-def _without(shape: tuple[int, ...], axis: int) -> tuple[int, ...]:
-  return shape[:axis] + shape[axis + 1 :]
+def _reduced(shape: tuple[int, ...], axis: int) -> tuple[int, ...]:
+  """``shape`` with ``axis`` reduced to size 1 (a keepdims reduction's shape)."""
+  return (*shape[:axis], 1, *shape[axis + 1 :])
 
 
 def _beta2(count, decay_rate, decay_offset, beta2_cap):
@@ -218,7 +222,7 @@ def scale_by_adafactor(
     >>> params = {'w': jnp.ones((3, 4)), 'b': jnp.ones(4)}
     >>> state = tx.init(params)
     >>> state.v_row['w'].shape, state.v_col['w'].shape, state.v['b'].shape
-    ((3,), (4,), (4,))
+    ((3, 1), (1, 4), (4,))
     >>> grads = {'w': jnp.full((3, 4), 10.0), 'b': jnp.full(4, -0.1)}
     >>> updates, state = tx.update(grads, state)
     >>> print(updates['w'][0, 0], updates['b'][0])
@@ -260,14 +264,15 @@ def scale_by_adafactor(
       shape, dtype = tuple(p.shape), _common.stats_dtype(p.dtype)
       placeholder = jnp.zeros((1,), dtype)
       axes = leaf_axes(policy, path, shape, for_init=True)
+      zeros = functools.partial(_common.zeros_like_layout, dtype=dtype, param=p)
       if axes is None:
         v_row.append(placeholder)
         v_col.append(placeholder)
-        v.append(jnp.zeros(shape, dtype))
+        v.append(zeros(shape))
       else:
         row_axis, col_axis = axes
-        v_row.append(jnp.zeros(_without(shape, col_axis), dtype))
-        v_col.append(jnp.zeros(_without(shape, row_axis), dtype))
+        v_row.append(zeros(_reduced(shape, col_axis)))
+        v_col.append(zeros(_reduced(shape, row_axis)))
         v.append(placeholder)
     unflatten = treedef.unflatten
     return AdafactorState(
@@ -298,25 +303,21 @@ def scale_by_adafactor(
     row_axis, col_axis = axes if axes is not None else (-1, -1)
     if (
         axes is None
-        or tuple(v_row.shape) != _without(shape, col_axis)
-        or tuple(v_col.shape) != _without(shape, row_axis)
+        or tuple(v_row.shape) != _reduced(shape, col_axis)
+        or tuple(v_col.shape) != _reduced(shape, row_axis)
     ):
       raise ValueError(
           f"{_OWNER}: leaf {_common.path_str(path)} has gradient shape {shape}, which does not "
           f"match its factored state (row statistics {tuple(v_row.shape)}, column statistics "
           f"{tuple(v_col.shape)})."
       )
-    new_row = beta2 * v_row + (1.0 - beta2) * jnp.mean(g_sq, axis=col_axis)
-    new_col = beta2 * v_col + (1.0 - beta2) * jnp.mean(g_sq, axis=row_axis)
-    row_axis_in_row = row_axis - 1 if row_axis > col_axis else row_axis
-    row_mean = jnp.mean(new_row, axis=row_axis_in_row, keepdims=True)
+    new_row = beta2 * v_row + (1.0 - beta2) * jnp.mean(g_sq, axis=col_axis, keepdims=True)
+    new_col = beta2 * v_col + (1.0 - beta2) * jnp.mean(g_sq, axis=row_axis, keepdims=True)
+    row_mean = jnp.mean(new_row, axis=row_axis, keepdims=True)
     if variance_floor is None:
-      row_factor = (new_row / row_mean) ** -0.5
-      col_factor = new_col**-0.5
-      u = g * jnp.expand_dims(row_factor, col_axis) * jnp.expand_dims(col_factor, row_axis)
+      u = g * (new_row / row_mean) ** -0.5 * new_col**-0.5
     else:
-      v_hat = jnp.expand_dims(new_row, col_axis) * jnp.expand_dims(new_col, row_axis)
-      v_hat = v_hat / jnp.expand_dims(jnp.maximum(row_mean, variance_floor), col_axis)
+      v_hat = new_row * new_col / jnp.maximum(row_mean, variance_floor)
       u = g * jax.lax.rsqrt(jnp.maximum(v_hat, variance_floor * variance_floor))
     return u, new_row.astype(v_row.dtype), new_col.astype(v_col.dtype), v
 

@@ -124,10 +124,58 @@ def check_float_dtype(owner: str, name: str, dtype: Any) -> None:
     raise ValueError(f"{owner}: `{name}` must be a floating dtype, got {kind.name}.")
 
 
+def explicit_spec(x: Any) -> tuple[Any, ...] | None:
+  """``x``'s PartitionSpec entries (one per axis) under an explicit-axes mesh, else None.
+
+  Under ``jax.sharding.AxisType.Explicit`` the sharding is part of the type, so an optimizer's
+  ``init`` can see it even on tracers and give its state the matching layout; under Auto meshes
+  use :func:`optax_rlx.state_sharding` with ``jax.jit(..., out_shardings=...)`` instead.
+  """
+  try:
+    sharding = jax.typeof(x).sharding
+  except (TypeError, AttributeError):
+    return None
+  spec = getattr(sharding, "spec", None)
+  if spec is None or all(e is None for e in spec):
+    return None
+  entries = tuple(spec)
+  return entries + (None,) * (len(x.shape) - len(entries))
+
+
+def layout_like(x: Any, param: Any, lead: bool = False) -> Any:
+  """``x`` (an array or a pytree of them) resharded like ``param`` under an explicit-axes mesh.
+
+  Axes of ``x`` with the same size as the param's keep its sharding (when the ranks agree),
+  others are replicated; with ``lead=True`` only the leading (layer) axis takes the param's
+  sharding. Outside explicit meshes ``x`` is returned unchanged.
+  """
+  if not isinstance(x, jax.Array | np.ndarray) and not hasattr(x, "shape"):
+    return jax.tree.map(lambda leaf: layout_like(leaf, param, lead), x)
+  entries = explicit_spec(param)
+  shape = tuple(x.shape)
+  if entries is None or not shape:
+    return x
+  if lead:
+    spec = (entries[0],) + (None,) * (len(shape) - 1)
+  elif len(shape) == len(param.shape):
+    spec = tuple(e if a == b else None for e, a, b in zip(entries, shape, param.shape, strict=True))
+  else:
+    return x
+  if all(e is None for e in spec):
+    return x
+  return jax.sharding.reshard(x, jax.sharding.PartitionSpec(*spec))
+
+
+def zeros_like_layout(shape: tuple[int, ...], dtype: Any, param: Any, lead: bool = False):
+  """``jnp.zeros(shape, dtype)`` laid out like ``param`` (see :func:`layout_like`)."""
+  return layout_like(jnp.zeros(shape, dtype), param, lead)
+
+
 def momentum_like(params: Any, mu_dtype: Any) -> Any:
-  """Zeros shaped like ``params`` in ``mu_dtype`` (each param's own dtype when None)."""
+  """Zeros shaped (and, under explicit meshes, sharded) like ``params`` in ``mu_dtype``."""
   return jax.tree.map(
-      lambda p: jnp.zeros(p.shape, mu_dtype if mu_dtype is not None else p.dtype), params
+      lambda p: zeros_like_layout(p.shape, mu_dtype if mu_dtype is not None else p.dtype, p),
+      params,
   )
 
 

@@ -175,8 +175,9 @@ def test_matches_float64_paper_reference(rng, learning_rate):
     assert np.abs(expected[k] - params[k]).max() > 100 * atol, k  # the reference really moved
     np.testing.assert_allclose(got[k], expected[k], rtol=0, atol=atol, err_msg=k)
   # Factored leaves really are factored, with O(rows + cols) state.
-  assert state[0].v_row["matrix"].shape == (24,) and state[0].v_col["matrix"].shape == (40,)
-  assert state[0].v_row["tensor3"].shape == (6, 20) and state[0].v_col["tensor3"].shape == (6, 32)
+  assert state[0].v_row["matrix"].shape == (24, 1) and state[0].v_col["matrix"].shape == (1, 40)
+  assert state[0].v_row["tensor3"].shape == (6, 20, 1)
+  assert state[0].v_col["tensor3"].shape == (6, 1, 32)
   assert state[0].v["scalar"].shape == ()
 
 
@@ -353,11 +354,11 @@ def test_matches_torch_adafactor_rule(rng, lr, weight_decay):
 @pytest.mark.parametrize(
     "factoring, shape, expected_row, expected_col",
     [
-        ("largest_two", (3, 200, 150), (3, 150), (3, 200)),
-        ("largest_two", (300, 2, 140), (2, 140), (300, 2)),
+        ("largest_two", (3, 200, 150), (3, 1, 150), (3, 200, 1)),
+        ("largest_two", (300, 2, 140), (1, 2, 140), (300, 2, 1)),
         ("last_two", (300, 2, 140), None, None),  # 2 < 128: not factored
-        ("last_two", (7, 130, 140), (7, 130), (7, 140)),
-        (lambda path, shape: (0, 2), (130, 5, 140), (130, 5), (5, 140)),
+        ("last_two", (7, 130, 140), (7, 130, 1), (7, 1, 140)),
+        (lambda path, shape: (0, 2), (130, 5, 140), (130, 5, 1), (1, 5, 140)),
         (lambda path, shape: None, (130, 140), None, None),
         ("none", (300, 400), None, None),
     ],
@@ -381,10 +382,10 @@ def test_callable_rule_receives_path_and_per_leaf_tree():
   params = {"embed": jnp.zeros((300, 200)), "dense": jnp.zeros((300, 200))}
   state = optax_rlx.scale_by_adafactor(factoring=rule).init(params)
   assert ("['embed']", (300, 200)) in seen
-  assert state.v["embed"].shape == (300, 200) and state.v_row["dense"].shape == (300,)
+  assert state.v["embed"].shape == (300, 200) and state.v_row["dense"].shape == (300, 1)
   tree_rule = {"embed": "none", "dense": "last_two"}
   state = optax_rlx.scale_by_adafactor(factoring=tree_rule).init(params)
-  assert state.v["embed"].shape == (300, 200) and state.v_row["dense"].shape == (300,)
+  assert state.v["embed"].shape == (300, 200) and state.v_row["dense"].shape == (300, 1)
 
 
 @pytest.mark.parametrize("factoring", ["last_two", "largest_two"])
@@ -404,7 +405,7 @@ def test_stacked_layers_get_per_layer_statistics(rng, factoring):
     u_stacked, stacked = tx.update(jnp.asarray(g["w"]), stacked)
     u_layers, layers = tx.update([jnp.asarray(x) for x in g["w"]], layers)
     np.testing.assert_allclose(np.asarray(u_stacked), np.stack(u_layers), rtol=1e-6, atol=1e-7)
-  assert stacked.v_row.shape == (3, 20) and stacked.v_col.shape == (3, 24)
+  assert stacked.v_row.shape == (3, 20, 1) and stacked.v_col.shape == (3, 1, 24)
 
 
 def _gpt2_small_shapes(vocab=50257, ctx=1024, d=768, layers=12):
@@ -652,4 +653,4 @@ def test_traced_structural_option_gets_a_clear_message():
   ok = optax.inject_hyperparams(optax_rlx.adafactor, static_args="min_dim_size_to_factor")(
       learning_rate=0.1, min_dim_size_to_factor=4
   )
-  assert jax.jit(ok.init)({"w": jnp.zeros((8, 8))}).inner_state[0].v_row["w"].shape == (8,)
+  assert jax.jit(ok.init)({"w": jnp.zeros((8, 8))}).inner_state[0].v_row["w"].shape == (8, 1)
