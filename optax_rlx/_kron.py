@@ -1,6 +1,7 @@
 """Kron-PSGD: preconditioned SGD with a Kronecker-factored preconditioner fitted on a Lie group."""
 
 import dataclasses
+from collections.abc import Mapping
 from typing import Any, NamedTuple
 
 import jax
@@ -137,11 +138,24 @@ def _apply_on_axis(factor, x, axis, dense):
   """``factor`` (dense ``(n, n)`` or diagonal ``(n,)``) applied along ``axis`` of ``x``."""
   if not dense:
     return x * factor.reshape(_axis_shape(x.ndim, axis, factor.shape[0]))
-  if axis == 0:
-    return jnp.tensordot(factor, x, axes=(1, 0))
+  # Under an explicit-axes mesh the product keeps x's sharding (named as out_sharding): XLA then
+  # gathers x along the contracted axis only, never the whole leaf.
+  out_sharding = _explicit_like(x)
   if axis == x.ndim - 1:
-    return jnp.tensordot(x, factor, axes=(axis, 1))
-  return jnp.moveaxis(jnp.tensordot(factor, x, axes=(1, axis)), 0, axis)
+    return jax.lax.dot_general(x, factor, (((axis,), (1,)), ((), ())), out_sharding=out_sharding)
+  if out_sharding is not None and axis != 0:
+    spec = tuple(out_sharding.spec) + (None,) * (x.ndim - len(out_sharding.spec))
+    moved = (spec[axis], *spec[:axis], *spec[axis + 1 :])
+    out_sharding = jax.sharding.NamedSharding(out_sharding.mesh, jax.sharding.PartitionSpec(*moved))
+  y = jax.lax.dot_general(factor, x, (((1,), (axis,)), ((), ())), out_sharding=out_sharding)
+  return y if axis == 0 else jnp.moveaxis(y, 0, axis)
+
+
+def _explicit_like(x):
+  """``x``'s own sharding when it is sharded over explicit mesh axes, else None."""
+  if _common.explicit_spec(x) is None:
+    return None
+  return jax.typeof(x).sharding
 
 
 def _explicit_replicated(x):
@@ -414,6 +428,14 @@ def _refit_leaf(factors, lips, h, v, noise, lr, first_step, plan, cfg):
   return _balance(tuple(new_factors)), tuple(new_lips)
 
 
+def _factor_tuple(factors):
+  """A leaf's factors as a tuple. Containers that rebuild pytrees (``flax.nnx.Optimizer`` keeps
+  optimizer state as ``nnx.State``) can hand them back as a mapping ``{0: Q_1, 1: Q_2, ...}``."""
+  if isinstance(factors, Mapping):
+    return tuple(factors[k] for k in sorted(factors))
+  return tuple(factors)
+
+
 def _maybe_vmap(fn, stacked, in_axes=0):
   return jax.vmap(fn, in_axes=in_axes) if stacked else fn
 
@@ -657,9 +679,16 @@ def scale_by_kron(
       )
       lips = tuple(jnp.zeros([], jnp.float32) for _ in plan.shape)
       if plan.stacked:
+        # Each layer's factors live with that layer: under an explicit-axes mesh they take the
+        # param's sharding of the layer axis (see state_sharding for Auto meshes).
         n = plan.leaf_shape[0]
-        factors = tuple(jnp.broadcast_to(q, (n, *q.shape)) for q in factors)
-        lips = tuple(jnp.zeros((n,), jnp.float32) for _ in lips)
+        factors = tuple(
+            _common.layout_like(jnp.broadcast_to(q, (n, *q.shape)), p, lead=True)
+            for q in factors
+        )
+        lips = tuple(
+            _common.zeros_like_layout((n,), jnp.float32, p, lead=True) for _ in lips
+        )
       qs.append(factors)
       ls.append(lips)
     mu = _common.momentum_like(params, mu_dtype) if use_momentum else ()
@@ -678,7 +707,7 @@ def scale_by_kron(
     _common.check_real_float_leaves(_OWNER, updates, "the updates")
     treedef = jax.tree.structure(updates)
     try:
-      qs = treedef.flatten_up_to(state.Qs)
+      qs = [_factor_tuple(f) for f in treedef.flatten_up_to(state.Qs)]
     except (ValueError, TypeError):
       _common.check_same_structure(
           _OWNER, jax.tree.map(lambda _: 0, state.Qs, is_leaf=lambda x: isinstance(x, tuple)),
@@ -715,6 +744,19 @@ def scale_by_kron(
         )
       if params is None:
         raise ValueError(f"{_OWNER}: criterion='newton' needs `params` passed to `update`.")
+    if any(_common.explicit_spec(g) is not None for g in jax.tree.leaves(updates)):
+      # Explicit-axes mesh: run the step with the mesh axes switched to Auto, so XLA's SPMD
+      # partitioner places the contractions (as under an Auto mesh: partial products and
+      # all-reduces, no gather of a whole leaf), and hand back the inputs' explicit shardings.
+      typeof = lambda tree: jax.tree.map(lambda x: jax.typeof(x).sharding, tree)  # noqa: E731
+      step = jax.sharding.auto_axes(
+          lambda u, s, p: update_step(u, s, p, obj_fn, plans, treedef),
+          out_sharding=(typeof(updates), typeof(state)),
+      )
+      return step(updates, state, params)
+    return update_step(updates, state, params, obj_fn, plans, treedef)
+
+  def update_step(updates, state, params, obj_fn, plans, treedef):
     count = state.count
     count_inc = optax.safe_increment(count)
     grads = jax.tree.leaves(updates)
@@ -746,8 +788,8 @@ def scale_by_kron(
     key, refit_key = jax.random.split(jax.random.wrap_key_data(state.key))
     lr = jnp.asarray(_common.schedule_value(precond_lr, count), jnp.float32)
     fit_targets = m_hat if precond_fit_on == "momentum" else grads
-    qs = treedef.flatten_up_to(state.Qs)
-    ls = treedef.flatten_up_to(state.Ls)
+    qs = [_factor_tuple(f) for f in treedef.flatten_up_to(state.Qs)]
+    ls = [_factor_tuple(f) for f in treedef.flatten_up_to(state.Ls)]
     param_leaves = jax.tree.leaves(params) if params is not None else None
 
     def refit(qs, ls):
@@ -775,6 +817,10 @@ def scale_by_kron(
         v32 = None if v is None else v.astype(compute).reshape(inner_shape)
         noise = jax.random.normal(k, inner_shape, compute)
         f32 = tuple(q.astype(compute) for q in factors)
+        if plan.stacked:  # explicit meshes: every vmapped input sharded like the layer axis
+          f32, lips, h32, v32, noise = _common.layout_like(
+              (f32, lips, h32, v32, noise), h, lead=True
+          )
 
         def fit(f, lp, hh, vv, nn, plan=plan):
           return _refit_leaf(f, lp, hh, vv, nn, lr, count == 0, plan, fit_cfg)
@@ -804,7 +850,10 @@ def scale_by_kron(
           u = u / jnp.maximum(1.0, jnp.sqrt(jnp.mean(u * u)) / update_clip)
         return u
 
-      u = _maybe_vmap(apply, plan.stacked)(factors, m.astype(compute).reshape(inner_shape))
+      m = m.astype(compute).reshape(inner_shape)
+      if plan.stacked:
+        factors, m = _common.layout_like((factors, m), g, lead=True)
+      u = _maybe_vmap(apply, plan.stacked)(factors, m)
       out.append(u.reshape(g.shape).astype(g.dtype))
 
     new_state = KronState(
