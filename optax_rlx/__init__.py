@@ -17,6 +17,7 @@ from optax_rlx._kron import (
     precond_update_prob_schedule,
     scale_by_kron,
 )
+from optax_rlx._sharding import state_sharding
 
 __version__ = "0.1.0.dev0"
 
@@ -30,4 +31,5 @@ __all__ = [
     "relative_step_schedule",
     "scale_by_adafactor",
     "scale_by_kron",
+    "state_sharding",
 ]

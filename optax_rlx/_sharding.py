@@ -1,0 +1,149 @@
+"""Shardings for optimizer states: :func:`state_sharding`."""
+
+from typing import Any
+
+import jax
+import optax
+from jax.sharding import NamedSharding, PartitionSpec
+
+from optax_rlx._kron import KronState
+
+_OWNER = "state_sharding"
+
+
+def _spec_entries(spec: PartitionSpec, ndim: int) -> tuple[Any, ...]:
+  entries = tuple(spec)
+  return entries + (None,) * (ndim - len(entries))
+
+
+def _like_param(leaf, param, sharding: NamedSharding, mesh) -> NamedSharding:
+  """A state leaf laid out along its param's axes takes the param's spec on axes of equal size.
+
+  Axes whose size differs from the param's (an Adafactor statistic's reduced axis, a ``(1,)``
+  placeholder) are replicated; a leaf of another rank is replicated.
+  """
+  if len(leaf.shape) != len(param.shape):
+    return NamedSharding(mesh, PartitionSpec())
+  entries = _spec_entries(sharding.spec, len(param.shape))
+  spec = tuple(e if a == b else None for e, a, b in zip(entries, leaf.shape, param.shape,
+                                                        strict=True))
+  return NamedSharding(sharding.mesh, PartitionSpec(*spec))
+
+
+def _is_masked(x) -> bool:
+  return isinstance(x, optax.MaskedNode)
+
+
+def state_sharding(tx: optax.GradientTransformation, params: Any, param_shardings: Any = None):
+  r"""Shardings of ``tx.init(params)`` for params sharded by ``param_shardings``.
+
+  Use the result as ``out_shardings`` of ``jax.jit(tx.init)`` and as the state's
+  ``in_shardings``/``out_shardings`` of a jitted train step, so the state is created sharded and
+  keeps its sharding from step to step. The rules:
+
+  - **Params-like subtrees** (any part of the state with the params' tree structure: Adam's
+    moments, momentum, ``MultiSteps``' accumulators, Adafactor's ``v``, ``v_row``, ``v_col``,
+    Kron's ``mu``; masked-out leaves of ``optax.masked`` are skipped) take, leaf by leaf, the
+    param's ``PartitionSpec`` on every axis whose size equals the param's and are replicated on
+    the others. An Adafactor row statistic of a ``(rows, cols)`` param sharded
+    ``P('data', 'model')`` is ``(rows, 1)`` and gets ``P('data', None)``: it keeps the sharding of
+    the axis it runs along and drops the reduced one.
+  - **Kron factors** (``Qs``) and their Lipschitz estimates (``Ls``) are replicated: each factor is
+    at most ``max_size_dense``² (or a diagonal) and is used whole by every shard. A *stacked*
+    leaf's factors have a leading layer axis, which takes the param's sharding of its layer axis
+    (each device keeps the factors of its own layers).
+  - Everything else (counters, PRNG keys, injected hyperparameters, refit accumulators) is
+    replicated.
+
+  Args:
+    tx: any optax transformation (optax_rlx's or optax's, chains, wrappers).
+    params: the params (arrays or ``jax.ShapeDtypeStruct``\ s); only shapes and dtypes are used.
+    param_shardings: a pytree like ``params`` of ``jax.sharding.NamedSharding``; ``None`` takes
+      each param's own ``.sharding`` (sharded arrays, or ``ShapeDtypeStruct``\ s with one).
+
+  Returns:
+    A pytree like ``tx.init(params)`` of ``NamedSharding``\ s.
+
+  Raises:
+    ValueError: ``param_shardings`` does not match ``params``, or has no ``NamedSharding``.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, optax_rlx
+    >>> from jax.sharding import NamedSharding, PartitionSpec as P
+    >>> mesh = jax.make_mesh((1,), ("data",))
+    >>> params = {"w": jnp.zeros((256, 128)), "b": jnp.zeros(128)}
+    >>> shardings = {"w": NamedSharding(mesh, P("data", None)), "b": NamedSharding(mesh, P())}
+    >>> tx = optax_rlx.adafactor(1e-2)
+    >>> state_shardings = optax_rlx.state_sharding(tx, params, shardings)
+    >>> state = jax.eval_shape(tx.init, params)[0]  # w: rows along axis 1, columns along axis 0
+    >>> state.v_row["w"].shape, state_shardings[0].v_row["w"].spec
+    ((1, 128), P(None, None))
+    >>> state.v_col["w"].shape, state_shardings[0].v_col["w"].spec
+    ((256, 1), P('data', None))
+    >>> state = jax.jit(tx.init, out_shardings=state_shardings)(params)
+  """
+  if param_shardings is None:
+    param_shardings = jax.tree.map(lambda p: getattr(p, "sharding", None), params)
+  param_leaves, param_def = jax.tree.flatten(params)
+  try:
+    sharding_leaves = param_def.flatten_up_to(param_shardings)
+  except (ValueError, TypeError) as e:
+    raise ValueError(
+        f"{_OWNER}: `param_shardings` must have the params' structure {param_def}; got "
+        f"{jax.tree.structure(param_shardings)}."
+    ) from e
+  paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
+  for path, s, p in zip(paths, sharding_leaves, param_leaves, strict=True):
+    if not isinstance(s, NamedSharding):
+      raise ValueError(
+          f"{_OWNER}: param {path} with shape {tuple(p.shape)} has sharding {s!r}; expected a "
+          f"jax.sharding.NamedSharding (pass `param_shardings`)."
+      )
+  if not sharding_leaves:
+    return jax.tree.map(lambda _: None, jax.eval_shape(tx.init, params))
+  mesh = sharding_leaves[0].mesh
+  replicated = NamedSharding(mesh, PartitionSpec())
+  abstract = jax.eval_shape(tx.init, params)
+
+  def params_like(node):
+    leaves, treedef = jax.tree.flatten(node, is_leaf=_is_masked)
+    if treedef != param_def:
+      return None
+    out = [
+        leaf if _is_masked(leaf) else _like_param(leaf, p, s, mesh)
+        for leaf, p, s in zip(leaves, param_leaves, sharding_leaves, strict=True)
+    ]
+    return treedef.unflatten(out)
+
+  def kron(state: KronState):
+    qs = param_def.flatten_up_to(state.Qs)
+    ls = param_def.flatten_up_to(state.Ls)
+    out_q, out_l = [], []
+    for factors, lips, p, s in zip(qs, ls, param_leaves, sharding_leaves, strict=True):
+      stacked = any(len(lip.shape) == 1 for lip in lips)
+      layer = _spec_entries(s.spec, len(p.shape))[0] if stacked and p.shape else None
+
+      def lead(x, layer=layer):
+        return NamedSharding(mesh, PartitionSpec(layer, *([None] * (len(x.shape) - 1))))
+
+      out_q.append(tuple(lead(q) if stacked else replicated for q in factors))
+      out_l.append(tuple(lead(lip) if stacked else replicated for lip in lips))
+    return state._replace(
+        count=replicated, key=replicated, precond_acc=replicated,
+        mu=assign(state.mu), Qs=param_def.unflatten(out_q), Ls=param_def.unflatten(out_l),
+    )
+
+  def assign(node):
+    if isinstance(node, KronState):
+      return kron(node)
+    if _is_masked(node):
+      return node
+    aligned = params_like(node)
+    if aligned is not None:
+      return aligned
+    children, treedef = jax.tree.flatten(node, is_leaf=lambda x: x is not node)
+    if treedef.num_nodes == 1 and treedef.num_leaves == 1:  # an array leaf
+      return replicated
+    return treedef.unflatten([assign(c) for c in children])
+
+  return assign(abstract)
