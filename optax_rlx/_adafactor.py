@@ -257,6 +257,7 @@ def scale_by_adafactor(
 
   def init_fn(params):
     _common.check_real_float_leaves(_OWNER, params, "params")
+    params, rewrap = _common.split_variables(params)
     leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
     policies = _leaf_policies(factoring, params)
     v_row, v_col, v = [], [], []
@@ -274,7 +275,9 @@ def scale_by_adafactor(
         v_row.append(zeros(_reduced(shape, col_axis)))
         v_col.append(zeros(_reduced(shape, row_axis)))
         v.append(placeholder)
-    unflatten = treedef.unflatten
+    def unflatten(leaves):
+      return rewrap(treedef.unflatten(leaves))
+
     return AdafactorState(
         count=jnp.zeros([], jnp.int32),
         v_row=unflatten(v_row),
@@ -326,7 +329,13 @@ def scale_by_adafactor(
     del extra_args
     if not isinstance(state, AdafactorState):
       raise ValueError(f"{_OWNER}: expected an AdafactorState, got {type(state).__name__}.")
-    _common.check_same_structure(_OWNER, state.v, "the optimizer state", updates, "the updates")
+    # NNX Variables (trees from nnx.state) are computed on as plain arrays and put back after.
+    updates, rewrap_updates = _common.split_variables(updates)
+    params = None if params is None else _common.split_variables(params)[0]
+    (v_rows, rewrap_row), (v_cols, rewrap_col), (vs, rewrap_v) = (
+        _common.split_variables(t) for t in (state.v_row, state.v_col, state.v)
+    )
+    _common.check_same_structure(_OWNER, vs, "the optimizer state", updates, "the updates")
     if params is not None:
       _common.check_same_shapes(_OWNER, params, "the params", updates, "the updates")
     _common.check_real_float_leaves(_OWNER, updates, "the updates")
@@ -337,9 +346,9 @@ def scale_by_adafactor(
     for (path, g), policy, v_row, v_col, v in zip(
         leaves,
         policies,
-        treedef.flatten_up_to(state.v_row),
-        treedef.flatten_up_to(state.v_col),
-        treedef.flatten_up_to(state.v),
+        treedef.flatten_up_to(v_rows),
+        treedef.flatten_up_to(v_cols),
+        treedef.flatten_up_to(vs),
         strict=True,
     ):
       u, new_row, new_col, new_v = update_leaf(path, policy, g, v_row, v_col, v, beta2)
@@ -352,11 +361,11 @@ def scale_by_adafactor(
     unflatten = treedef.unflatten
     new_state = AdafactorState(
         count=optax.safe_increment(state.count),
-        v_row=unflatten(out_row),
-        v_col=unflatten(out_col),
-        v=unflatten(out_v),
+        v_row=rewrap_row(unflatten(out_row)),
+        v_col=rewrap_col(unflatten(out_col)),
+        v=rewrap_v(unflatten(out_v)),
     )
-    return unflatten(out_u), new_state
+    return rewrap_updates(unflatten(out_u)), new_state
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 

@@ -1,6 +1,7 @@
 """Kron-PSGD: preconditioned SGD with a Kronecker-factored preconditioner fitted on a Lie group."""
 
 import dataclasses
+import functools
 from collections.abc import Mapping
 from typing import Any, NamedTuple
 
@@ -97,13 +98,38 @@ def precond_update_prob_schedule(
 class _Plan:
   """Static description of one leaf's preconditioner."""
 
-  shape: tuple[int, ...]  # the (unstacked) tensor the factors act on; scalars become (1,)
+  shape: tuple[int, ...]  # the tensor (block) the factors act on; scalars become (1,)
   dense: tuple[bool, ...]  # per axis: dense factor (True) or diagonal (False)
   stacked: bool  # leading axis of the leaf is a stack of layers (vmapped)
   leaf_shape: tuple[int, ...]  # the leaf's own shape
+  blocks: tuple[int, ...]  # per axis of the (unstacked) leaf: number of equal blocks (1: whole)
+
+  @property
+  def blocked(self) -> bool:
+    return any(b > 1 for b in self.blocks)
+
+  @property
+  def batched(self) -> bool:
+    """Whether the factors carry a leading axis (layers and/or blocks) and the fit is vmapped."""
+    return self.stacked or self.blocked
+
+  @property
+  def lead(self) -> tuple[int, ...]:
+    if not self.batched:
+      return ()
+    layers = self.leaf_shape[0] if self.stacked else 1
+    return (layers * int(np.prod(self.blocks)),)
 
 
-def _make_plan(shape, stacked, max_size, min_ndim, max_skew, memory_save_mode, path):
+def _block_count(d, block_size):
+  """Fewest equal blocks of size <= ``block_size`` an axis of size ``d`` splits into."""
+  if block_size is None or d <= block_size:
+    return 1
+  return next(n for n in range(-(-d // block_size), d + 1) if d % n == 0)
+
+
+def _make_plan(shape, stacked, max_size, min_ndim, max_skew, memory_save_mode, path,
+               block_size=None):
   leaf_shape = tuple(shape)
   if stacked:
     if len(shape) == 0:
@@ -113,6 +139,8 @@ def _make_plan(shape, stacked, max_size, min_ndim, max_skew, memory_save_mode, p
       )
     shape = shape[1:]
   shape = tuple(shape) if len(shape) else (1,)
+  blocks = tuple(_block_count(d, block_size) for d in shape)
+  shape = tuple(d // n for d, n in zip(shape, blocks, strict=True))
   numel = int(np.prod(shape))
   ndim = len(shape)
   diag_axes = set()
@@ -127,7 +155,35 @@ def _make_plan(shape, stacked, max_size, min_ndim, max_skew, memory_save_mode, p
       and d * d <= max_skew * numel
       for i, d in enumerate(shape)
   )
-  return _Plan(shape=shape, dense=dense, stacked=stacked, leaf_shape=leaf_shape)
+  return _Plan(shape=shape, dense=dense, stacked=stacked, leaf_shape=leaf_shape, blocks=blocks)
+
+
+def _to_inner(x, plan):
+  """A leaf-shaped ``x`` as ``plan.lead + plan.shape``: layers and blocks on one leading axis."""
+  layers = (plan.leaf_shape[0],) if plan.stacked else ()
+  full = tuple(d * n for d, n in zip(plan.shape, plan.blocks, strict=True))
+  x = x.reshape(layers + full)
+  if not plan.blocked:
+    return x
+  k = len(layers)
+  split = layers + tuple(v for n, d in zip(plan.blocks, plan.shape, strict=True) for v in (n, d))
+  x = x.reshape(split)
+  r = len(plan.shape)
+  block_index_axes = tuple(k + 2 * i for i in range(r))
+  within_block_axes = tuple(k + 2 * i + 1 for i in range(r))
+  perm = tuple(range(k)) + block_index_axes + within_block_axes
+  return x.transpose(perm).reshape(plan.lead + plan.shape)
+
+
+def _from_inner(u, plan):
+  """Inverse of :func:`_to_inner`: back to the leaf's shape."""
+  if plan.blocked:
+    layers = (plan.leaf_shape[0],) if plan.stacked else ()
+    k, r = len(layers), len(plan.shape)
+    u = u.reshape(layers + plan.blocks + plan.shape)
+    perm = tuple(range(k)) + tuple(v for i in range(r) for v in (k + i, k + r + i))
+    u = u.transpose(perm)
+  return u.reshape(plan.leaf_shape)
 
 
 def _axis_shape(ndim, axis, size):
@@ -487,6 +543,7 @@ def scale_by_kron(
     min_ndim_dense: int | None = None,
     max_skew_dense: float | None = None,
     memory_save_mode: str | None = None,
+    block_size: int | None = None,
     damping: float = 1e-9,
     lipschitz_decay: float = 0.9,
     update_clip: float | None = 1.1,
@@ -563,10 +620,17 @@ def scale_by_kron(
     max_skew_dense: an axis is diagonal when ``size² > max_skew_dense · numel``; None means 1.0.
       Pass ``float('inf')`` to disable.
     memory_save_mode: None, ``'one_diag'`` (largest axis diagonal) or ``'all_diag'``.
+    block_size: None (default) keeps every axis whole. An int partitions each axis longer than
+      ``block_size`` into the fewest equal blocks no longer than it (``d / n`` for the smallest
+      ``n >= d / block_size`` dividing ``d``; 12288 with 4096 → 3 blocks of 4096, 50257 → 29 of
+      1733). Every block of the leaf gets its own factors, fitted and applied independently (one
+      vmapped batch with the layers of a stacked leaf), so memory and time per leaf are bounded
+      by the block size. The rules above then apply to the block's shape. An axis whose length
+      has no divisor near ``d / block_size`` (a prime) falls back to small blocks.
     damping: the constant damping of the fitting target (>= 0).
     lipschitz_decay: :math:`\beta_L` in [0, 1).
-    update_clip: largest RMS of a preconditioned update per tensor (per layer when stacked);
-      None disables the clip.
+    update_clip: largest RMS of a preconditioned update per tensor (per layer when stacked, per
+      block with ``block_size``); None disables the clip.
     mu_dtype: momentum dtype; None means the gradient's.
     precond_dtype: dtype of the factors (bfloat16 works); None means float32 (float64 for
       float64 params). Gram terms, norms and solves always run in float32 or wider.
@@ -626,6 +690,9 @@ def scale_by_kron(
       if min_ndim_dense is None
       else _common.static_int(_OWNER, "min_ndim_dense", min_ndim_dense, low=0)
   )
+  block = (
+      None if block_size is None else _common.static_int(_OWNER, "block_size", block_size, low=1)
+  )
   if max_skew_dense is None:
     max_skew = _DEFAULT_MAX_SKEW_DENSE
   elif _common.is_traced(max_skew_dense):
@@ -655,7 +722,7 @@ def scale_by_kron(
     stacked = _resolve_stacked(stacked_layers, tree)
     return [
         _make_plan(tuple(x.shape), bool(s), max_size, min_ndim, max_skew, memory_save_mode,
-                   _common.path_str(path))
+                   _common.path_str(path), block)
         for (path, x), s in zip(leaves, stacked, strict=True)
     ]
 
@@ -666,6 +733,8 @@ def scale_by_kron(
 
   def init_fn(params):
     _common.check_real_float_leaves(_OWNER, params, "params")
+    mu = _common.momentum_like(params, mu_dtype) if use_momentum else ()
+    params, _ = _common.split_variables(params)  # factors never take a param's NNX metadata
     treedef = jax.tree.structure(params)
     leaves = jax.tree.leaves(params)
     scale = 1.0 if precond_init_scale is None else precond_init_scale
@@ -678,20 +747,19 @@ def scale_by_kron(
           for d, is_dense in zip(plan.shape, plan.dense, strict=True)
       )
       lips = tuple(jnp.zeros([], jnp.float32) for _ in plan.shape)
-      if plan.stacked:
-        # Each layer's factors live with that layer: under an explicit-axes mesh they take the
-        # param's sharding of the layer axis (see state_sharding for Auto meshes).
-        n = plan.leaf_shape[0]
-        factors = tuple(
-            _common.layout_like(jnp.broadcast_to(q, (n, *q.shape)), p, lead=True)
-            for q in factors
+      if plan.batched:
+        # One set of factors per layer and block. A layer's factors live with that layer: under
+        # an explicit-axes mesh they take the param's sharding of the layer axis (see
+        # state_sharding for Auto meshes); blocks' factors are replicated.
+        n = plan.lead[0]
+        lay_out = (
+            functools.partial(_common.layout_like, param=p, lead=True)
+            if plan.stacked and not plan.blocked else lambda x: x
         )
-        lips = tuple(
-            _common.zeros_like_layout((n,), jnp.float32, p, lead=True) for _ in lips
-        )
+        factors = tuple(lay_out(jnp.broadcast_to(q, (n, *q.shape))) for q in factors)
+        lips = tuple(lay_out(jnp.zeros((n,), jnp.float32)) for _ in lips)
       qs.append(factors)
       ls.append(lips)
-    mu = _common.momentum_like(params, mu_dtype) if use_momentum else ()
     return KronState(
         count=jnp.zeros([], jnp.int32),
         key=key_data,
@@ -720,7 +788,7 @@ def scale_by_kron(
     for (path, g), plan, factors in zip(
         jax.tree_util.tree_flatten_with_path(updates)[0], plans, qs, strict=True
     ):
-      lead = (plan.leaf_shape[0],) if plan.stacked else ()
+      lead = plan.lead
       expected = tuple(
           (*lead, d, d) if is_dense else (*lead, d)
           for d, is_dense in zip(plan.shape, plan.dense, strict=True)
@@ -735,6 +803,20 @@ def scale_by_kron(
 
   def update_fn(updates, state, params=None, obj_fn=None, **extra_args):
     del extra_args
+    # NNX Variables (trees from nnx.state) are computed on as plain arrays and put back after.
+    updates, rewrap_updates = _common.split_variables(updates)
+    if isinstance(state, KronState):
+      mu, rewrap_mu = _common.split_variables(state.mu)
+      state = state._replace(mu=mu)
+    if params is not None:
+      params, rewrap_params = _common.split_variables(params)
+      if obj_fn is not None:
+        user_obj_fn = obj_fn
+        obj_fn = lambda p: user_obj_fn(rewrap_params(p))  # noqa: E731
+    out, new_state = run_update(updates, state, params, obj_fn)
+    return rewrap_updates(out), new_state._replace(mu=rewrap_mu(new_state.mu))
+
+  def run_update(updates, state, params, obj_fn):
     plans, treedef = check_state(updates, state, params)
     if criterion == "newton":
       if obj_fn is None:
@@ -812,12 +894,11 @@ def scale_by_kron(
           out_l.append(lips)
           continue
         compute = _common.stats_dtype(h.dtype)
-        inner_shape = ((plan.leaf_shape[0],) if plan.stacked else ()) + plan.shape
-        h32 = h.astype(compute).reshape(inner_shape)
-        v32 = None if v is None else v.astype(compute).reshape(inner_shape)
-        noise = jax.random.normal(k, inner_shape, compute)
+        h32 = _to_inner(h.astype(compute), plan)
+        v32 = None if v is None else _to_inner(v.astype(compute), plan)
+        noise = jax.random.normal(k, plan.lead + plan.shape, compute)
         f32 = tuple(q.astype(compute) for q in factors)
-        if plan.stacked:  # explicit meshes: every vmapped input sharded like the layer axis
+        if plan.stacked and not plan.blocked:  # explicit meshes: vmapped inputs like the layers
           f32, lips, h32, v32, noise = _common.layout_like(
               (f32, lips, h32, v32, noise), h, lead=True
           )
@@ -826,7 +907,7 @@ def scale_by_kron(
           return _refit_leaf(f, lp, hh, vv, nn, lr, count == 0, plan, fit_cfg)
 
         in_axes = (0, 0, 0, None if v32 is None else 0, 0)
-        new_f, new_l = _maybe_vmap(fit, plan.stacked, in_axes)(f32, lips, h32, v32, noise)
+        new_f, new_l = _maybe_vmap(fit, plan.batched, in_axes)(f32, lips, h32, v32, noise)
         out_q.append(tuple(q.astype(old.dtype) for q, old in zip(new_f, factors, strict=True)))
         out_l.append(tuple(new_l))
       return out_q, out_l
@@ -842,19 +923,17 @@ def scale_by_kron(
         out.append(jnp.zeros_like(g))
         continue
       compute = _common.stats_dtype(m.dtype)
-      inner_shape = ((plan.leaf_shape[0],) if plan.stacked else ()) + plan.shape
-
       def apply(f, x, plan=plan, compute=compute):
         u = _precondition(tuple(q.astype(compute) for q in f), x, plan.dense)
         if update_clip is not None:
           u = u / jnp.maximum(1.0, jnp.sqrt(jnp.mean(u * u)) / update_clip)
         return u
 
-      m = m.astype(compute).reshape(inner_shape)
-      if plan.stacked:
+      m = _to_inner(m.astype(compute), plan)
+      if plan.stacked and not plan.blocked:
         factors, m = _common.layout_like((factors, m), g, lead=True)
-      u = _maybe_vmap(apply, plan.stacked)(factors, m)
-      out.append(u.reshape(g.shape).astype(g.dtype))
+      u = _maybe_vmap(apply, plan.batched)(factors, m)
+      out.append(_from_inner(u, plan).astype(g.dtype))
 
     new_state = KronState(
         count=count_inc,
@@ -885,6 +964,7 @@ def kron(
     min_ndim_dense: int | None = None,
     max_skew_dense: float | None = None,
     memory_save_mode: str | None = None,
+    block_size: int | None = None,
     damping: float = 1e-9,
     lipschitz_decay: float = 0.9,
     update_clip: float | None = 1.1,
@@ -920,6 +1000,7 @@ def kron(
     min_ndim_dense: see :func:`scale_by_kron`.
     max_skew_dense: see :func:`scale_by_kron`.
     memory_save_mode: see :func:`scale_by_kron`.
+    block_size: see :func:`scale_by_kron`.
     damping: see :func:`scale_by_kron`.
     lipschitz_decay: see :func:`scale_by_kron`.
     update_clip: see :func:`scale_by_kron`.
@@ -975,6 +1056,7 @@ def kron(
           min_ndim_dense=min_ndim_dense,
           max_skew_dense=max_skew_dense,
           memory_save_mode=memory_save_mode,
+          block_size=block_size,
           damping=damping,
           lipschitz_decay=lipschitz_decay,
           update_clip=update_clip,

@@ -49,9 +49,9 @@ def state_sharding(tx: optax.GradientTransformation, params: Any, param_sharding
     ``P('data', 'model')`` is ``(rows, 1)`` and gets ``P('data', None)``: it keeps the sharding of
     the axis it runs along and drops the reduced one.
   - **Kron factors** (``Qs``) and their Lipschitz estimates (``Ls``) are replicated: each factor is
-    at most ``max_size_dense``² (or a diagonal) and is used whole by every shard. A *stacked*
-    leaf's factors have a leading layer axis, which takes the param's sharding of its layer axis
-    (each device keeps the factors of its own layers).
+    at most ``max_size_dense``² (or a diagonal; bounded further by ``block_size``) and is used
+    whole by every shard. A *stacked* leaf's factors have a leading layer axis, which takes the
+    param's sharding of its layer axis (each device keeps the factors of its own layers).
   - Everything else (counters, PRNG keys, injected hyperparameters, refit accumulators) is
     replicated.
 
@@ -120,14 +120,17 @@ def state_sharding(tx: optax.GradientTransformation, params: Any, param_sharding
     ls = param_def.flatten_up_to(state.Ls)
     out_q, out_l = [], []
     for factors, lips, p, s in zip(qs, ls, param_leaves, sharding_leaves, strict=True):
-      stacked = any(len(lip.shape) == 1 for lip in lips)
-      layer = _spec_entries(s.spec, len(p.shape))[0] if stacked and p.shape else None
+      # A leading axis of layers (stacked_layers) takes the param's layer-axis sharding; one of
+      # blocks (block_size) is replicated.
+      lead = next((lip.shape[0] for lip in lips if len(lip.shape) == 1), None)
+      stacked = lead is not None and len(p.shape) > 0 and lead == p.shape[0]
+      layer = _spec_entries(s.spec, len(p.shape))[0] if stacked else None
 
-      def lead(x, layer=layer):
+      def lead_axis(x, layer=layer):
         return NamedSharding(mesh, PartitionSpec(layer, *([None] * (len(x.shape) - 1))))
 
-      out_q.append(tuple(lead(q) if stacked else replicated for q in factors))
-      out_l.append(tuple(lead(lip) if stacked else replicated for lip in lips))
+      out_q.append(tuple(lead_axis(q) if stacked else replicated for q in factors))
+      out_l.append(tuple(lead_axis(lip) if stacked else replicated for lip in lips))
     return state._replace(
         count=replicated, key=replicated, precond_acc=replicated,
         mu=assign(state.mu), Qs=param_def.unflatten(out_q), Ls=param_def.unflatten(out_l),

@@ -330,6 +330,12 @@ def test_vector_gets_a_diagonal_whitening_preconditioner():
         ((6, 7), {"memory_save_mode": "one_diag", "max_skew_dense": 2.0}, [(6, 6), (7,)]),
         ((6, 6), {"memory_save_mode": "all_diag"}, [(6,), (6,)]),
         ((4, 5, 6), {}, [(4, 4), (5, 5), (6, 6)]),
+        # block_size: 12 -> 3 blocks of 4, 10 -> 5 blocks of 2 (the fewest equal blocks <= 4).
+        ((12, 10), {"block_size": 4, "max_skew_dense": float("inf")}, [(15, 4, 4), (15, 2, 2)]),
+        ((12, 10), {"block_size": 4}, [(15, 4), (15, 2, 2)]),  # skew rule on the (4, 2) block
+        ((12, 4), {"block_size": 12}, [(12,), (4, 4)]),  # no axis above the block size
+        ((13, 4), {"block_size": 4}, [(13, 1), (13, 4)]),  # prime: 13 blocks of (1, 4)
+        ((12,), {"block_size": 5}, [(3, 4)]),  # vectors too: 3 diagonal blocks of 4
     ],
 )
 def test_factor_shapes(shape, kwargs, expected):
@@ -367,6 +373,54 @@ def test_stacked_layers_get_their_own_preconditioners():
   )
   rms_per_layer = np.sqrt(np.mean(np.asarray(out) ** 2, axis=(0, 2, 3)))
   np.testing.assert_allclose(rms_per_layer, 1.0, rtol=0.15)
+
+
+def _blocks(x, rows, cols):
+  """The (rows, cols) blocks of the last two axes of ``x``, as a dict of separate leaves."""
+  return {
+      f"{i}{j}": x[..., i * rows:(i + 1) * rows, j * cols:(j + 1) * cols]
+      for i in range(x.shape[-2] // rows)
+      for j in range(x.shape[-1] // cols)
+  }
+
+
+@pytest.mark.parametrize("shape, stacked", [((8, 6), False), ((2, 8, 6), True)])
+def test_block_partitioning_equals_separate_preconditioners_per_block(rng, shape, stacked):
+  """With block_size=4, an (8, 6) leaf is 2 x 2 blocks of (4, 3): each block is preconditioned
+  exactly as if it were its own leaf (the whitening fit is probe-free with damping 0)."""
+  kw = dict(b1=0.9, precond_update_prob=1.0, damping=0.0, update_clip=None,
+            max_skew_dense=float("inf"), stacked_layers=stacked, key=0)
+  blocked = optax_rlx.scale_by_kron(block_size=4, **kw)
+  separate = optax_rlx.scale_by_kron(**kw)
+  s_blocked = blocked.init(jnp.zeros(shape))
+  s_separate = separate.init(_blocks(jnp.zeros(shape), 4, 3))
+  lead = 4 * (shape[0] if stacked else 1)
+  assert [q.shape for q in s_blocked.Qs] == [(lead, 4, 4), (lead, 3, 3)]
+  mix = rng.standard_normal((shape[-2], shape[-2]))  # correlated rows: the factors must move
+  step = jax.jit(lambda g, s: blocked.update(g, s))
+  for _ in range(20):
+    g = jnp.asarray(mix @ rng.standard_normal(shape), jnp.float32)
+    u_blocked, s_blocked = step(g, s_blocked)
+    u_separate, s_separate = separate.update(_blocks(g, 4, 3), s_separate)
+    for name, u in _blocks(u_blocked, 4, 3).items():
+      np.testing.assert_allclose(np.asarray(u), np.asarray(u_separate[name]), rtol=2e-4,
+                                 atol=1e-6, err_msg=name)
+  assert not np.allclose(np.asarray(s_blocked.Qs[0][0]), np.eye(4), atol=1e-2)
+
+
+def test_block_size_bounds_preconditioner_memory():
+  """A (12288, 768) leaf: whole, one 12288-long axis is diagonal (skew rule) or a 600 MB dense
+  factor (max_skew_dense=inf); in blocks of 4096, three (4096, 4096) factors at most."""
+  params = jax.ShapeDtypeStruct((12288, 768), jnp.float32)
+  whole = jax.eval_shape(optax_rlx.kron(1e-3, max_skew_dense=float("inf"), max_size_dense=12288,
+                                        b1=None).init, params)
+  blocked = jax.eval_shape(optax_rlx.kron(1e-3, max_skew_dense=float("inf"), block_size=4096,
+                                          b1=None).init, params)
+  qs = lambda state: [q.shape for q in state[0].Qs]  # noqa: E731
+  assert qs(whole) == [(12288, 12288), (768, 768)]
+  assert qs(blocked) == [(3, 4096, 4096), (3, 768, 768)]
+  nbytes = lambda state: sum(q.size * 4 for q in state[0].Qs)  # noqa: E731
+  assert nbytes(blocked) < 0.35 * nbytes(whole)  # 3 x 4096² + 3 x 768² vs 12288² + 768²
 
 
 def test_refit_schedule_is_deterministic_from_the_step_count():
@@ -548,6 +602,8 @@ def test_beats_adam_on_rosenbrock():
         ({"max_size_dense": 0}, "max_size_dense"),
         ({"min_ndim_dense": -1}, "min_ndim_dense"),
         ({"max_skew_dense": -1.0}, "max_skew_dense"),
+        ({"block_size": 0}, "block_size"),
+        ({"block_size": 2.5}, "block_size"),
         ({"mu_dtype": jnp.int8}, "mu_dtype"),
         ({"precond_dtype": "int32"}, "precond_dtype"),
         ({"key": "seed"}, "key"),

@@ -104,7 +104,9 @@ SCALE_SCRIPT = textwrap.dedent(
     stacked = {"w": False, "big": False, "stack": True, "b": False}
     configs = {
         "adafactor": optax_rlx.adafactor(1e-2, b1=0.9, min_dim_size_to_factor=4),
-        "kron": optax_rlx.kron(1e-3, key=0, precond_update_prob=1.0, stacked_layers=stacked),
+        # big (136, 128) is cut into 4 x 2 blocks of (34, 64) by block_size=64.
+        "kron": optax_rlx.kron(1e-3, key=0, precond_update_prob=1.0, stacked_layers=stacked,
+                               block_size=64),
         "kron-dense": optax_rlx.kron(1e-3, key=0, precond_update_prob=1.0,
                                      max_skew_dense=float("inf"), stacked_layers=stacked),
     }
@@ -119,6 +121,8 @@ SCALE_SCRIPT = textwrap.dedent(
     assert ada[0].v_col["stack"].spec == P("data", None, "model")  # (4, 1, 12)
     assert ada[0].v["b"].spec == P("model") and ada[0].v["w"].spec == P()  # placeholder
     assert ada[0].count.spec == P() and ada[1].mu["big"].spec == P("data", "model")
+    blocked = optax_rlx.state_sharding(configs["kron"], params, shardings)[0].Qs["big"]
+    assert [q.spec for q in blocked] == [P()] * 2  # (8, 34) and (8, 64, 64): blocks replicated
     kr = optax_rlx.state_sharding(configs["kron-dense"], params, shardings)[0]
     assert all(q.spec == P() for k in ("w", "big", "b") for q in kr.Qs[k]), spec(kr.Qs)
     assert [q.spec for q in kr.Qs["stack"]] == [P("data", None, None)] * 2, spec(kr.Qs)
