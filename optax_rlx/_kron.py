@@ -507,6 +507,13 @@ def _check_choice(name, value, choices):
 
 
 def _as_key_data(key):
+  """``key`` as raw uint32 key data; concrete keys become NumPy (no device or mesh attached, so a
+  transformation built under one mesh works under another)."""
+  data = _key_data(key)
+  return data if _common.is_traced(data) else np.asarray(data)
+
+
+def _key_data(key):
   if isinstance(key, int | np.integer) and not isinstance(key, bool):
     return jax.random.key_data(jax.random.key(int(key)))
   if _common.is_traced(key) and jnp.issubdtype(key.dtype, jnp.integer) and key.ndim == 0:
@@ -762,7 +769,7 @@ def scale_by_kron(
       ls.append(lips)
     return KronState(
         count=jnp.zeros([], jnp.int32),
-        key=key_data,
+        key=jnp.asarray(key_data),
         precond_acc=jnp.ones([], jnp.float32),
         mu=mu,
         Qs=treedef.unflatten(qs),

@@ -176,6 +176,29 @@ SCALE_SCRIPT = textwrap.dedent(
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
         assert b.sharding.is_equivalent_to(a.sharding, a.ndim), (name, a.sharding, b.sharding)
       print("ok", name)
+
+    # Pure data parallelism on an (8,) mesh: every matrix sharded along its first axis.
+    mesh8 = jax.make_mesh((8,), ("data",), axis_types=(kind,))
+    with jax.set_mesh(mesh8):
+      specs8 = {"w": P("data"), "big": P("data"), "stack": P(None, "data"), "b": P()}
+      sh8 = {k: NamedSharding(mesh8, s) for k, s in specs8.items()}
+      host = jax.tree.map(np.asarray, params)  # arrays made under the (2, 4) mesh stay there
+      local = jax.tree.map(jnp.asarray, host)
+      sharded8 = jax.device_put(host, sh8)
+      for name in ("adafactor", "kron"):
+        tx = configs[name]
+        state_sh = optax_rlx.state_sharding(tx, local, sh8)
+        state = jax.jit(tx.init, out_shardings=state_sh)(sharded8)
+        step = jax.jit(lambda g, s, p, tx=tx: tx.update(g, s, p),
+                       in_shardings=(sh8, state_sh, sh8), out_shardings=(sh8, state_sh))
+        plain = tx.init(local)
+        for _ in range(2):
+          u_plain, plain = jax.jit(tx.update)(jax.grad(loss)(local), plain, local)
+          u_dist, state = step(jax.jit(jax.grad(loss))(sharded8), state, sharded8)
+          for a, b in zip(jax.tree.leaves(u_plain), jax.tree.leaves(u_dist)):
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-4, atol=1e-6,
+                                       err_msg=name + " (8,)")
+        print("ok", name, "(8,) data mesh")
     """
 )
 
@@ -189,4 +212,4 @@ def test_state_sharding_layout_hlo_and_checkpoint(axis_type):
       timeout=600,
   )
   assert result.returncode == 0, result.stderr[-3000:]
-  assert result.stdout.count("ok ") == 3, result.stdout
+  assert result.stdout.count("ok ") == 5, result.stdout

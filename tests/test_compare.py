@@ -1,0 +1,30 @@
+"""benchmarks/compare.py stays runnable: a tiny run writes its table, JSON and plot."""
+
+import json
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+
+
+def test_compare_smoke_run_writes_table_json_and_plot(tmp_path):
+  pytest.importorskip("sklearn")
+  pytest.importorskip("matplotlib")
+  result = subprocess.run(
+      [sys.executable, str(ROOT / "benchmarks" / "compare.py"), "--quick", "--problems",
+       "rosenbrock,least_squares", "--optimizers", "optax.adam,optax_rlx.kron,optax_rlx.adafactor",
+       "--steps-scale", "0.1", "--out", str(tmp_path)],
+      capture_output=True, text=True, timeout=600,
+  )
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert "#### rosenbrock" in result.stdout and "| optax_rlx.kron |" in result.stdout
+  report = json.loads((tmp_path / "compare_quick.json").read_text())
+  results = report["problems"]["least_squares"]["results"]
+  assert [r["optimizer"] for r in results] == ["optax.adam", "optax_rlx.kron",
+                                                "optax_rlx.adafactor"]
+  assert all(r["ms_per_step"] > 0 and len(r["curve"]) == 50 for r in results)
+  assert (tmp_path / "compare_quick.png").stat().st_size > 10_000
+  assert (tmp_path / "compare_quick.md").read_text().count("| optax.adam |") == 2
