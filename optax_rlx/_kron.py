@@ -220,12 +220,9 @@ def _explicit_replicated(x):
   Under ``AxisType.Explicit`` a contraction over sharded axes must name its output sharding; the
   factors' statistics are replicated, like the factors.
   """
-  typeof = getattr(jax, "typeof", None)
-  sharding = getattr(typeof(x), "sharding", None) if typeof is not None else None
-  spec = getattr(sharding, "spec", None)
-  if spec is None or all(s is None for s in spec):
+  if _common.explicit_spec(x) is None:
     return None
-  return jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec())
+  return jax.sharding.NamedSharding(jax.typeof(x).sharding.mesh, jax.sharding.PartitionSpec())
 
 
 def _gram(x, axis, dense):

@@ -62,16 +62,22 @@ SCRIPT = textwrap.dedent(
 )
 
 
-@pytest.mark.parametrize("axis_type", ["Auto", "Explicit"])
-def test_sharded_params_give_unsharded_results(axis_type):
+def _run_on_8_devices(script, axis_type):
+  """Runs ``script`` in a fresh Python with 8 simulated CPU devices; returns its stdout."""
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
              JAX_PLATFORMS="cpu")
   result = subprocess.run(
-      [sys.executable, "-c", SCRIPT, axis_type], env=env, capture_output=True, text=True,
+      [sys.executable, "-c", script, axis_type], env=env, capture_output=True, text=True,
       timeout=600,
   )
   assert result.returncode == 0, result.stderr[-3000:]
-  assert result.stdout.count("ok ") == 6, result.stdout
+  return result.stdout
+
+
+@pytest.mark.parametrize("axis_type", ["Auto", "Explicit"])
+def test_sharded_params_give_unsharded_results(axis_type):
+  stdout = _run_on_8_devices(SCRIPT, axis_type)
+  assert stdout.count("ok ") == 6, stdout
 
 
 # state_sharding, sharded init/steps that keep their layout, the HLO, stacked layers and a sharded
@@ -205,11 +211,5 @@ SCALE_SCRIPT = textwrap.dedent(
 
 @pytest.mark.parametrize("axis_type", ["Auto", "Explicit"])
 def test_state_sharding_layout_hlo_and_checkpoint(axis_type):
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
-             JAX_PLATFORMS="cpu")
-  result = subprocess.run(
-      [sys.executable, "-c", SCALE_SCRIPT, axis_type], env=env, capture_output=True, text=True,
-      timeout=600,
-  )
-  assert result.returncode == 0, result.stderr[-3000:]
-  assert result.stdout.count("ok ") == 5, result.stdout
+  stdout = _run_on_8_devices(SCALE_SCRIPT, axis_type)
+  assert stdout.count("ok ") == 5, stdout
