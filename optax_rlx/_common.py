@@ -124,6 +124,21 @@ def check_float_dtype(owner: str, name: str, dtype: Any) -> None:
     raise ValueError(f"{owner}: `{name}` must be a floating dtype, got {kind.name}.")
 
 
+def padded_spec(spec: Any, ndim: int) -> tuple[Any, ...]:
+  """A PartitionSpec's entries, one per axis (a spec may name fewer axes than the array has)."""
+  entries = tuple(spec)
+  return entries + (None,) * (ndim - len(entries))
+
+
+def spec_along_param(entries: tuple[Any, ...], shape: tuple[int, ...],
+                     param_shape: tuple[int, ...]) -> tuple[Any, ...] | None:
+  """Spec entries for an array laid out along a param's axes (same rank): the param's entry on
+  axes of equal size, None on the others; None when the ranks differ."""
+  if len(shape) != len(param_shape):
+    return None
+  return tuple(e if a == b else None for e, a, b in zip(entries, shape, param_shape, strict=True))
+
+
 def explicit_spec(x: Any) -> tuple[Any, ...] | None:
   """``x``'s PartitionSpec entries (one per axis) under an explicit-axes mesh, else None.
 
@@ -138,30 +153,25 @@ def explicit_spec(x: Any) -> tuple[Any, ...] | None:
   spec = getattr(sharding, "spec", None)
   if spec is None or all(e is None for e in spec):
     return None
-  entries = tuple(spec)
-  return entries + (None,) * (len(x.shape) - len(entries))
+  return padded_spec(spec, len(x.shape))
 
 
-def layout_like(x: Any, param: Any, lead: bool = False) -> Any:
-  """``x`` (an array or a pytree of them) resharded like ``param`` under an explicit-axes mesh.
+def layout_like(x: jax.Array, param: Any, lead: bool = False) -> jax.Array:
+  """``x`` resharded like ``param`` under an explicit-axes mesh; ``x`` itself otherwise.
 
   Axes of ``x`` with the same size as the param's keep its sharding (when the ranks agree),
   others are replicated; with ``lead=True`` only the leading (layer) axis takes the param's
-  sharding. Outside explicit meshes ``x`` is returned unchanged.
+  sharding.
   """
-  if not isinstance(x, jax.Array | np.ndarray) and not hasattr(x, "shape"):
-    return jax.tree.map(lambda leaf: layout_like(leaf, param, lead), x)
   entries = explicit_spec(param)
   shape = tuple(x.shape)
   if entries is None or not shape:
     return x
   if lead:
     spec = (entries[0],) + (None,) * (len(shape) - 1)
-  elif len(shape) == len(param.shape):
-    spec = tuple(e if a == b else None for e, a, b in zip(entries, shape, param.shape, strict=True))
   else:
-    return x
-  if all(e is None for e in spec):
+    spec = spec_along_param(entries, shape, tuple(param.shape))
+  if spec is None or all(e is None for e in spec):
     return x
   return jax.sharding.reshard(x, jax.sharding.PartitionSpec(*spec))
 

@@ -194,44 +194,18 @@ def _apply_on_axis(factor, x, axis, dense):
   """``factor`` (dense ``(n, n)`` or diagonal ``(n,)``) applied along ``axis`` of ``x``."""
   if not dense:
     return x * factor.reshape(_axis_shape(x.ndim, axis, factor.shape[0]))
-  # Under an explicit-axes mesh the product keeps x's sharding (named as out_sharding): XLA then
-  # gathers x along the contracted axis only, never the whole leaf.
-  out_sharding = _explicit_like(x)
+  if axis == 0:
+    return jnp.tensordot(factor, x, axes=(1, 0))
   if axis == x.ndim - 1:
-    return jax.lax.dot_general(x, factor, (((axis,), (1,)), ((), ())), out_sharding=out_sharding)
-  if out_sharding is not None and axis != 0:
-    spec = tuple(out_sharding.spec) + (None,) * (x.ndim - len(out_sharding.spec))
-    moved = (spec[axis], *spec[:axis], *spec[axis + 1 :])
-    out_sharding = jax.sharding.NamedSharding(out_sharding.mesh, jax.sharding.PartitionSpec(*moved))
-  y = jax.lax.dot_general(factor, x, (((1,), (axis,)), ((), ())), out_sharding=out_sharding)
-  return y if axis == 0 else jnp.moveaxis(y, 0, axis)
-
-
-def _explicit_like(x):
-  """``x``'s own sharding when it is sharded over explicit mesh axes, else None."""
-  if _common.explicit_spec(x) is None:
-    return None
-  return jax.typeof(x).sharding
-
-
-def _explicit_replicated(x):
-  """A replicated sharding on ``x``'s mesh when ``x`` is sharded over explicit mesh axes, else None.
-
-  Under ``AxisType.Explicit`` a contraction over sharded axes must name its output sharding; the
-  factors' statistics are replicated, like the factors.
-  """
-  if _common.explicit_spec(x) is None:
-    return None
-  return jax.sharding.NamedSharding(jax.typeof(x).sharding.mesh, jax.sharding.PartitionSpec())
+    return jnp.tensordot(x, factor, axes=(axis, 1))
+  return jnp.moveaxis(jnp.tensordot(factor, x, axes=(1, axis)), 0, axis)
 
 
 def _gram(x, axis, dense):
   """``x`` contracted with itself over every axis but ``axis``: ``(n, n)``, or its diagonal."""
   others = tuple(k for k in range(x.ndim) if k != axis)
   if dense:
-    return jax.lax.dot_general(
-        x, x, ((others, others), ((), ())), out_sharding=_explicit_replicated(x)
-    )
+    return jax.lax.dot_general(x, x, ((others, others), ((), ())))
   return jnp.sum(x * x, axis=others)
 
 
@@ -834,6 +808,7 @@ def scale_by_kron(
       # Explicit-axes mesh: run the step with the mesh axes switched to Auto, so XLA's SPMD
       # partitioner places the contractions (as under an Auto mesh: partial products and
       # all-reduces, no gather of a whole leaf), and hand back the inputs' explicit shardings.
+      # Inside, no array carries explicit axes, so the step's math needs no sharding names.
       typeof = lambda tree: jax.tree.map(lambda x: jax.typeof(x).sharding, tree)  # noqa: E731
       step = jax.sharding.auto_axes(
           lambda u, s, p: update_step(u, s, p, obj_fn, plans, treedef),
@@ -902,10 +877,6 @@ def scale_by_kron(
         v32 = None if v is None else _to_inner(v.astype(compute), plan)
         noise = jax.random.normal(k, plan.lead + plan.shape, compute)
         f32 = tuple(q.astype(compute) for q in factors)
-        if plan.stacked and not plan.blocked:  # explicit meshes: vmapped inputs like the layers
-          f32, lips, h32, v32, noise = _common.layout_like(
-              (f32, lips, h32, v32, noise), h, lead=True
-          )
 
         def fit(f, lp, hh, vv, nn, plan=plan):
           return _refit_leaf(f, lp, hh, vv, nn, lr, count == 0, plan, fit_cfg)
@@ -933,10 +904,7 @@ def scale_by_kron(
           u = u / jnp.maximum(1.0, jnp.sqrt(jnp.mean(u * u)) / update_clip)
         return u
 
-      m = _to_inner(m.astype(compute), plan)
-      if plan.stacked and not plan.blocked:
-        factors, m = _common.layout_like((factors, m), g, lead=True)
-      u = _maybe_vmap(apply, plan.batched)(factors, m)
+      u = _maybe_vmap(apply, plan.batched)(factors, _to_inner(m.astype(compute), plan))
       out.append(_from_inner(u, plan).astype(g.dtype))
 
     new_state = KronState(

@@ -6,14 +6,10 @@ import jax
 import optax
 from jax.sharding import NamedSharding, PartitionSpec
 
+from optax_rlx import _common
 from optax_rlx._kron import KronState
 
 _OWNER = "state_sharding"
-
-
-def _spec_entries(spec: PartitionSpec, ndim: int) -> tuple[Any, ...]:
-  entries = tuple(spec)
-  return entries + (None,) * (ndim - len(entries))
 
 
 def _like_param(leaf, param, sharding: NamedSharding, mesh) -> NamedSharding:
@@ -22,11 +18,10 @@ def _like_param(leaf, param, sharding: NamedSharding, mesh) -> NamedSharding:
   Axes whose size differs from the param's (an Adafactor statistic's reduced axis, a ``(1,)``
   placeholder) are replicated; a leaf of another rank is replicated.
   """
-  if len(leaf.shape) != len(param.shape):
+  entries = _common.padded_spec(sharding.spec, len(param.shape))
+  spec = _common.spec_along_param(entries, tuple(leaf.shape), tuple(param.shape))
+  if spec is None:
     return NamedSharding(mesh, PartitionSpec())
-  entries = _spec_entries(sharding.spec, len(param.shape))
-  spec = tuple(e if a == b else None for e, a, b in zip(entries, leaf.shape, param.shape,
-                                                        strict=True))
   return NamedSharding(sharding.mesh, PartitionSpec(*spec))
 
 
@@ -124,7 +119,7 @@ def state_sharding(tx: optax.GradientTransformation, params: Any, param_sharding
       # blocks (block_size) is replicated.
       lead = next((lip.shape[0] for lip in lips if len(lip.shape) == 1), None)
       stacked = lead is not None and len(p.shape) > 0 and lead == p.shape[0]
-      layer = _spec_entries(s.spec, len(p.shape))[0] if stacked else None
+      layer = _common.padded_spec(s.spec, len(p.shape))[0] if stacked else None
 
       def lead_axis(x, layer=layer):
         return NamedSharding(mesh, PartitionSpec(layer, *([None] * (len(x.shape) - 1))))
