@@ -1,22 +1,18 @@
 """Adafactor: factored second moments with sublinear memory (Shazeer & Stern, 2018)."""
 
+import dataclasses
 import functools
-from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
 from optax_rlx import _common
+from optax_rlx._adafactor_plan import FactoringRule, check_policy, factored_axes, reduced
 
 _OWNER = "adafactor"
 _DEFAULT_MIN_DIM_SIZE_TO_FACTOR = 128
-_POLICIES = ("largest_two", "last_two", "none")
-
-FactoringRule = Callable[[str, tuple[int, ...]], tuple[int, int] | None]
-"""A per-leaf factoring rule: ``rule(path, shape) -> (row_axis, col_axis)`` or ``None``."""
 
 
 class AdafactorState(NamedTuple):
@@ -85,46 +81,6 @@ def relative_step_schedule(max_learning_rate: float = 1e-2) -> optax.Schedule:
   return schedule
 
 
-def _policy_axes(policy: Any, path: str, shape: tuple[int, ...]) -> tuple[int, int] | None:
-  """The (row_axis, col_axis) a policy picks for ``shape``, ignoring the minimum size."""
-  ndim = len(shape)
-  if isinstance(policy, str):
-    if ndim < 2 or policy == "none":
-      return None
-    if policy == "last_two":
-      return ndim - 2, ndim - 1
-    order = np.argsort(np.asarray(shape), kind="stable")
-    return int(order[-2]), int(order[-1])
-  axes = policy(path, shape)
-  if axes is None:
-    return None
-  if (
-      not isinstance(axes, tuple | list)
-      or len(axes) != 2
-      or not all(isinstance(a, int | np.integer) and -ndim <= a < ndim for a in axes)
-      or axes[0] % max(ndim, 1) == axes[1] % max(ndim, 1)
-  ):
-    raise ValueError(
-        f"{_OWNER}: the factoring rule returned {axes!r} for leaf {path} of shape {shape}; "
-        f"expected None or two distinct axes in [-{ndim}, {ndim})."
-    )
-  return int(axes[0]) % ndim, int(axes[1]) % ndim
-
-
-def _check_policy(policy: Any) -> None:
-  if isinstance(policy, str):
-    if policy not in _POLICIES:
-      raise ValueError(
-          f"{_OWNER}: unknown `factoring` policy {policy!r}; expected one of {_POLICIES}, a "
-          f"callable rule(path, shape), or a pytree of those matching the params."
-      )
-  elif not callable(policy):
-    raise ValueError(
-        f"{_OWNER}: `factoring` leaves must be a policy name {_POLICIES} or a callable "
-        f"rule(path, shape), got {policy!r}."
-    )
-
-
 def _leaf_policies(factoring: Any, tree: Any) -> list[Any]:
   """One factoring policy per leaf of ``tree``."""
   num_leaves = len(jax.tree.leaves(tree))
@@ -137,13 +93,8 @@ def _leaf_policies(factoring: Any, tree: Any) -> list[Any]:
         f"{_OWNER}: a per-leaf `factoring` tree must have the params' structure: {e}"
     ) from e
   for policy in policies:
-    _check_policy(policy)
+    check_policy(policy)
   return policies
-
-
-def _reduced(shape: tuple[int, ...], axis: int) -> tuple[int, ...]:
-  """``shape`` with ``axis`` reduced to size 1 (a keepdims reduction's shape)."""
-  return (*shape[:axis], 1, *shape[axis + 1 :])
 
 
 def _beta2(count, decay_rate, decay_offset, beta2_cap):
@@ -153,6 +104,151 @@ def _beta2(count, decay_rate, decay_offset, beta2_cap):
   if beta2_cap is not None:
     beta2 = jnp.minimum(beta2, beta2_cap)
   return beta2
+
+
+@dataclasses.dataclass(frozen=True)
+class _AdafactorConfig:
+  """The validated options of :func:`scale_by_adafactor` (numbers may be traced)."""
+
+  decay_rate: Any
+  decay_offset: Any
+  beta2_cap: Any
+  epsilon1: Any
+  variance_floor: Any
+  clipping_threshold: Any
+  factoring: Any
+  min_dim_size_to_factor: int
+
+
+def _init(params, cfg: _AdafactorConfig) -> AdafactorState:
+  """Zero statistics: ``v_row``/``v_col`` for factored leaves, ``v`` for the others."""
+  _common.check_real_float_leaves(_OWNER, params, "params")
+  params, rewrap = _common.split_variables(params)
+  leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
+  policies = _leaf_policies(cfg.factoring, params)
+  v_row, v_col, v = [], [], []
+  for (path, p), policy in zip(leaves, policies, strict=True):
+    shape, dtype = tuple(p.shape), _common.stats_dtype(p.dtype)
+    placeholder = jnp.zeros((1,), dtype)
+    axes = factored_axes(policy, _common.path_str(path), shape, cfg.min_dim_size_to_factor,
+                         for_init=True)
+    zeros = functools.partial(_common.zeros_like_layout, dtype=dtype, param=p)
+    if axes is None:
+      v_row.append(placeholder)
+      v_col.append(placeholder)
+      v.append(zeros(shape))
+    else:
+      row_axis, col_axis = axes
+      v_row.append(zeros(reduced(shape, col_axis)))
+      v_col.append(zeros(reduced(shape, row_axis)))
+      v.append(placeholder)
+
+  def unflatten(leaves):
+    return rewrap(treedef.unflatten(leaves))
+
+  return AdafactorState(
+      count=jnp.zeros([], jnp.int32),
+      v_row=unflatten(v_row),
+      v_col=unflatten(v_col),
+      v=unflatten(v),
+  )
+
+
+def _update_unfactored(path, g, v, beta2, cfg: _AdafactorConfig):
+  """``V ← β̂ V + (1 − β̂)(G² + ε₁)``, ``U = G / √V``; returns ``(U, V)``."""
+  if tuple(v.shape) != tuple(g.shape):
+    raise ValueError(
+        f"{_OWNER}: leaf {_common.path_str(path)} has gradient shape {tuple(g.shape)} but the "
+        f"state was initialised for shape {tuple(v.shape)}."
+    )
+  g = g.astype(v.dtype)
+  new_v = beta2 * v + (1.0 - beta2) * (g * g + cfg.epsilon1)
+  if cfg.variance_floor is None:
+    u = g * new_v**-0.5
+  else:
+    u = g * jax.lax.rsqrt(jnp.maximum(new_v, cfg.variance_floor * cfg.variance_floor))
+  return u, new_v.astype(v.dtype)
+
+
+def _update_factored(path, policy, g, v_row, v_col, beta2, cfg: _AdafactorConfig):
+  """Row and column EMAs of ``G² + ε₁``, ``U = G / √(R Cᵀ / mean(R))``; returns ``(U, R, C)``."""
+  shape = tuple(g.shape)
+  axes = factored_axes(policy, _common.path_str(path), shape, cfg.min_dim_size_to_factor,
+                       for_init=False)
+  row_axis, col_axis = axes if axes is not None else (-1, -1)
+  if (
+      axes is None
+      or tuple(v_row.shape) != reduced(shape, col_axis)
+      or tuple(v_col.shape) != reduced(shape, row_axis)
+  ):
+    raise ValueError(
+        f"{_OWNER}: leaf {_common.path_str(path)} has gradient shape {shape}, which does not "
+        f"match its factored state (row statistics {tuple(v_row.shape)}, column statistics "
+        f"{tuple(v_col.shape)})."
+    )
+  g = g.astype(v_row.dtype)
+  g_sq = g * g + cfg.epsilon1
+  new_row = beta2 * v_row + (1.0 - beta2) * jnp.mean(g_sq, axis=col_axis, keepdims=True)
+  new_col = beta2 * v_col + (1.0 - beta2) * jnp.mean(g_sq, axis=row_axis, keepdims=True)
+  row_mean = jnp.mean(new_row, axis=row_axis, keepdims=True)
+  if cfg.variance_floor is None:
+    u = g * (new_row / row_mean) ** -0.5 * new_col**-0.5
+  else:
+    floor = cfg.variance_floor
+    v_hat = new_row * new_col / jnp.maximum(row_mean, floor)
+    u = g * jax.lax.rsqrt(jnp.maximum(v_hat, floor * floor))
+  return u, new_row.astype(v_row.dtype), new_col.astype(v_col.dtype)
+
+
+def _update_leaf(path, policy, g, v_row, v_col, v, beta2, cfg: _AdafactorConfig):
+  """One leaf's clipped direction and new statistics ``(Û, v_row, v_col, v)``."""
+  factored = len(g.shape) >= 2 and tuple(v.shape) != tuple(g.shape)
+  if factored:
+    u, v_row, v_col = _update_factored(path, policy, g, v_row, v_col, beta2, cfg)
+  else:
+    u, v = _update_unfactored(path, g, v, beta2, cfg)
+  if cfg.clipping_threshold is not None:
+    u = u / jnp.maximum(1.0, jnp.sqrt(jnp.mean(u * u)) / cfg.clipping_threshold)
+  return u.astype(g.dtype), v_row, v_col, v
+
+
+def _update(updates, state, params, cfg: _AdafactorConfig):
+  if not isinstance(state, AdafactorState):
+    raise ValueError(f"{_OWNER}: expected an AdafactorState, got {type(state).__name__}.")
+  # NNX Variables (trees from nnx.state) are computed on as plain arrays and put back after.
+  updates, rewrap_updates = _common.split_variables(updates)
+  params = None if params is None else _common.split_variables(params)[0]
+  (v_rows, rewrap_row), (v_cols, rewrap_col), (vs, rewrap_v) = (
+      _common.split_variables(t) for t in (state.v_row, state.v_col, state.v)
+  )
+  _common.check_same_structure(_OWNER, vs, "the optimizer state", updates, "the updates")
+  if params is not None:
+    _common.check_same_shapes(_OWNER, params, "the params", updates, "the updates")
+  _common.check_real_float_leaves(_OWNER, updates, "the updates")
+  beta2 = _beta2(state.count, cfg.decay_rate, cfg.decay_offset, cfg.beta2_cap)
+  leaves, treedef = jax.tree_util.tree_flatten_with_path(updates)
+  per_leaf = [
+      _update_leaf(path, policy, g, v_row, v_col, v, beta2, cfg)
+      for (path, g), policy, v_row, v_col, v in zip(
+          leaves,
+          _leaf_policies(cfg.factoring, updates),
+          treedef.flatten_up_to(v_rows),
+          treedef.flatten_up_to(v_cols),
+          treedef.flatten_up_to(vs),
+          strict=True,
+      )
+  ]
+
+  def field(i):
+    return treedef.unflatten([out[i] for out in per_leaf])
+
+  new_state = AdafactorState(
+      count=optax.safe_increment(state.count),
+      v_row=rewrap_row(field(1)),
+      v_col=rewrap_col(field(2)),
+      v=rewrap_v(field(3)),
+  )
+  return rewrap_updates(field(0)), new_state
 
 
 def scale_by_adafactor(
@@ -241,131 +337,29 @@ def scale_by_adafactor(
         f"gives 0/0."
     )
   for policy in jax.tree.leaves(factoring):
-    _check_policy(policy)
-  min_size = (
-      _DEFAULT_MIN_DIM_SIZE_TO_FACTOR
-      if min_dim_size_to_factor is None
-      else _common.static_int(_OWNER, "min_dim_size_to_factor", min_dim_size_to_factor, low=1)
+    check_policy(policy)
+  cfg = _AdafactorConfig(
+      decay_rate=decay_rate,
+      decay_offset=decay_offset,
+      beta2_cap=beta2_cap,
+      epsilon1=epsilon1,
+      variance_floor=variance_floor,
+      clipping_threshold=clipping_threshold,
+      factoring=factoring,
+      min_dim_size_to_factor=(
+          _DEFAULT_MIN_DIM_SIZE_TO_FACTOR
+          if min_dim_size_to_factor is None
+          else _common.static_int(_OWNER, "min_dim_size_to_factor", min_dim_size_to_factor,
+                                  low=1)
+      ),
   )
 
-  def leaf_axes(policy, path, shape, for_init):
-    axes = _policy_axes(policy, _common.path_str(path), tuple(shape))
-    gated = for_init and axes is not None and isinstance(policy, str)
-    if gated and min(shape[axes[0]], shape[axes[1]]) < min_size:
-      return None
-    return axes
-
   def init_fn(params):
-    _common.check_real_float_leaves(_OWNER, params, "params")
-    params, rewrap = _common.split_variables(params)
-    leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
-    policies = _leaf_policies(factoring, params)
-    v_row, v_col, v = [], [], []
-    for (path, p), policy in zip(leaves, policies, strict=True):
-      shape, dtype = tuple(p.shape), _common.stats_dtype(p.dtype)
-      placeholder = jnp.zeros((1,), dtype)
-      axes = leaf_axes(policy, path, shape, for_init=True)
-      zeros = functools.partial(_common.zeros_like_layout, dtype=dtype, param=p)
-      if axes is None:
-        v_row.append(placeholder)
-        v_col.append(placeholder)
-        v.append(zeros(shape))
-      else:
-        row_axis, col_axis = axes
-        v_row.append(zeros(_reduced(shape, col_axis)))
-        v_col.append(zeros(_reduced(shape, row_axis)))
-        v.append(placeholder)
-    def unflatten(leaves):
-      return rewrap(treedef.unflatten(leaves))
-
-    return AdafactorState(
-        count=jnp.zeros([], jnp.int32),
-        v_row=unflatten(v_row),
-        v_col=unflatten(v_col),
-        v=unflatten(v),
-    )
-
-  def update_leaf(path, policy, g, v_row, v_col, v, beta2):
-    shape = tuple(g.shape)
-    factored = len(shape) >= 2 and tuple(v.shape) != shape
-    g = g.astype(v.dtype)
-    g_sq = g * g + epsilon1
-    if not factored:
-      if tuple(v.shape) != shape:
-        raise ValueError(
-            f"{_OWNER}: leaf {_common.path_str(path)} has gradient shape {shape} but the state "
-            f"was initialised for shape {tuple(v.shape)}."
-        )
-      new_v = beta2 * v + (1.0 - beta2) * g_sq
-      if variance_floor is None:
-        u = g * new_v**-0.5
-      else:
-        u = g * jax.lax.rsqrt(jnp.maximum(new_v, variance_floor * variance_floor))
-      return u, v_row, v_col, new_v.astype(v.dtype)
-    axes = leaf_axes(policy, path, shape, for_init=False)
-    row_axis, col_axis = axes if axes is not None else (-1, -1)
-    if (
-        axes is None
-        or tuple(v_row.shape) != _reduced(shape, col_axis)
-        or tuple(v_col.shape) != _reduced(shape, row_axis)
-    ):
-      raise ValueError(
-          f"{_OWNER}: leaf {_common.path_str(path)} has gradient shape {shape}, which does not "
-          f"match its factored state (row statistics {tuple(v_row.shape)}, column statistics "
-          f"{tuple(v_col.shape)})."
-      )
-    new_row = beta2 * v_row + (1.0 - beta2) * jnp.mean(g_sq, axis=col_axis, keepdims=True)
-    new_col = beta2 * v_col + (1.0 - beta2) * jnp.mean(g_sq, axis=row_axis, keepdims=True)
-    row_mean = jnp.mean(new_row, axis=row_axis, keepdims=True)
-    if variance_floor is None:
-      u = g * (new_row / row_mean) ** -0.5 * new_col**-0.5
-    else:
-      v_hat = new_row * new_col / jnp.maximum(row_mean, variance_floor)
-      u = g * jax.lax.rsqrt(jnp.maximum(v_hat, variance_floor * variance_floor))
-    return u, new_row.astype(v_row.dtype), new_col.astype(v_col.dtype), v
-
+    return _init(params, cfg)
 
   def update_fn(updates, state, params=None, **extra_args):
     del extra_args
-    if not isinstance(state, AdafactorState):
-      raise ValueError(f"{_OWNER}: expected an AdafactorState, got {type(state).__name__}.")
-    # NNX Variables (trees from nnx.state) are computed on as plain arrays and put back after.
-    updates, rewrap_updates = _common.split_variables(updates)
-    params = None if params is None else _common.split_variables(params)[0]
-    (v_rows, rewrap_row), (v_cols, rewrap_col), (vs, rewrap_v) = (
-        _common.split_variables(t) for t in (state.v_row, state.v_col, state.v)
-    )
-    _common.check_same_structure(_OWNER, vs, "the optimizer state", updates, "the updates")
-    if params is not None:
-      _common.check_same_shapes(_OWNER, params, "the params", updates, "the updates")
-    _common.check_real_float_leaves(_OWNER, updates, "the updates")
-    beta2 = _beta2(state.count, decay_rate, decay_offset, beta2_cap)
-    leaves, treedef = jax.tree_util.tree_flatten_with_path(updates)
-    policies = _leaf_policies(factoring, updates)
-    out_u, out_row, out_col, out_v = [], [], [], []
-    for (path, g), policy, v_row, v_col, v in zip(
-        leaves,
-        policies,
-        treedef.flatten_up_to(v_rows),
-        treedef.flatten_up_to(v_cols),
-        treedef.flatten_up_to(vs),
-        strict=True,
-    ):
-      u, new_row, new_col, new_v = update_leaf(path, policy, g, v_row, v_col, v, beta2)
-      if clipping_threshold is not None:
-        u = u / jnp.maximum(1.0, jnp.sqrt(jnp.mean(u * u)) / clipping_threshold)
-      out_u.append(u.astype(g.dtype))
-      out_row.append(new_row)
-      out_col.append(new_col)
-      out_v.append(new_v)
-    unflatten = treedef.unflatten
-    new_state = AdafactorState(
-        count=optax.safe_increment(state.count),
-        v_row=rewrap_row(unflatten(out_row)),
-        v_col=rewrap_col(unflatten(out_col)),
-        v=rewrap_v(unflatten(out_v)),
-    )
-    return rewrap_updates(unflatten(out_u)), new_state
+    return _update(updates, state, params, cfg)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 

@@ -6,7 +6,7 @@ never with a NaN or an error from deep inside XLA.
 """
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
@@ -214,6 +214,15 @@ def split_variables(params: Any) -> tuple[Any, Any]:
     return jax.tree.map(wrap, params, tree, is_leaf=_is_variable)
 
   return pure, rewrap
+
+
+def as_tuple(node: Any) -> tuple[Any, ...]:
+  """A tuple stored in optimizer state, as a tuple. Containers that rebuild pytrees
+  (``flax.nnx.Optimizer`` keeps optimizer state as ``nnx.State``) can hand it back as a mapping
+  ``{0: x_0, 1: x_1, ...}``."""
+  if isinstance(node, Mapping):
+    return tuple(node[k] for k in sorted(node))
+  return tuple(node)
 
 
 def momentum_like(params: Any, mu_dtype: Any) -> Any:

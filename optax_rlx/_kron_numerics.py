@@ -1,0 +1,374 @@
+"""Kron's numerics on one fitting unit: pure functions of arrays, no optax and no pytrees.
+
+A fitting unit is a tensor ``x`` of shape ``(d_1, ..., d_r)`` with one factor ``Q_i`` per axis:
+dense ``(d_i, d_i)`` or diagonal ``(d_i,)`` (``dense[i]``), ``Q = Q_1 ⊗ ... ⊗ Q_r`` and
+``P = Qᵀ Q``. Everything runs in the dtype of its inputs (float32 or wider; the transform casts).
+
+The fit (:func:`fit_factors`) takes one Lie-group step on ``E[hᵀ P h + vᵀ P⁻¹ v]``; its
+per-factor steps are :func:`diagonal_step`, :func:`triangular_step`, :func:`procrustes_step` and
+:func:`procrustes_low_rank_step`.
+"""
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+PROCRUSTES_MAX_STEP = 0.25
+ASYMMETRY_TOLERANCE = 1e-3
+
+
+@dataclasses.dataclass(frozen=True)
+class FitOptions:
+  """How :func:`fit_factors` steps (see ``scale_by_kron``'s arguments of the same names).
+
+  Attributes:
+    geometry: ``'triangular'`` or ``'procrustes'``.
+    damping: constant damping of the fitting target (a float, or traced).
+    lipschitz_decay: :math:`\\beta_L` of the Lipschitz estimates.
+    auto_init: rescale the factors from the first fitting pair.
+  """
+
+  geometry: str
+  damping: Any
+  lipschitz_decay: Any
+  auto_init: bool
+
+
+# ---------------------------------------------------------------------------------------------
+# Applying factors.
+# ---------------------------------------------------------------------------------------------
+
+
+def _axis_shape(ndim, axis, size):
+  return tuple(size if k == axis else 1 for k in range(ndim))
+
+
+def apply_on_axis(factor, x, axis, dense):
+  """``factor`` (dense ``(n, n)`` or diagonal ``(n,)``) applied along ``axis`` of ``x``."""
+  if not dense:
+    return x * factor.reshape(_axis_shape(x.ndim, axis, factor.shape[0]))
+  if axis == 0:
+    return jnp.tensordot(factor, x, axes=(1, 0))
+  if axis == x.ndim - 1:
+    return jnp.tensordot(x, factor, axes=(axis, 1))
+  return jnp.moveaxis(jnp.tensordot(factor, x, axes=(1, axis)), 0, axis)
+
+
+def solve_transposed(factor, x, axis, dense):
+  """``Q_i⁻ᵀ`` applied along ``axis`` of ``x`` (a triangular solve for a dense factor)."""
+  if not dense:
+    return x / factor.reshape(_axis_shape(x.ndim, axis, factor.shape[0]))
+  solve = jax.lax.linalg.triangular_solve
+  if axis == x.ndim - 1:  # x Q⁻¹: solve y Q = x on the right, no transposes
+    flat = x.reshape(-1, x.shape[-1])
+    return solve(factor, flat, left_side=False, lower=False).reshape(x.shape)
+  moved = jnp.moveaxis(x, axis, 0)
+  flat = moved.reshape(moved.shape[0], -1)
+  solved = solve(factor, flat, left_side=True, lower=False, transpose_a=True)
+  return jnp.moveaxis(solved.reshape(moved.shape), 0, axis)
+
+
+def precondition(factors, x, dense):
+  """``P x`` with ``P = Qᵀ Q``: each factor applied as ``Q_iᵀ Q_i`` on its axis.
+
+  A dense factor of size ``n`` is applied as ``Q_iᵀ (Q_i x)`` (``4 n · numel`` flops) when
+  ``n² > numel``, else through ``P_i = Q_iᵀ Q_i`` (``2 n³ + 2 n · numel`` flops).
+  """
+  for axis, (q, is_dense) in enumerate(zip(factors, dense, strict=True)):
+    if not is_dense:
+      x = apply_on_axis(q * q, x, axis, False)
+    elif q.shape[0] ** 2 > x.size:
+      x = apply_on_axis(q.T, apply_on_axis(q, x, axis, True), axis, True)
+    else:
+      x = apply_on_axis(q.T @ q, x, axis, True)
+  return x
+
+
+def clip_by_rms(u, threshold):
+  """``u / max(1, RMS(u) / threshold)``; ``u`` itself when ``threshold`` is None."""
+  if threshold is None:
+    return u
+  return u / jnp.maximum(1.0, jnp.sqrt(jnp.mean(u * u)) / threshold)
+
+
+# ---------------------------------------------------------------------------------------------
+# Gram terms and their norms.
+# ---------------------------------------------------------------------------------------------
+
+
+def gram(x, axis, dense):
+  """``x`` contracted with itself over every axis but ``axis``: ``(n, n)``, or its diagonal."""
+  others = tuple(k for k in range(x.ndim) if k != axis)
+  if dense:
+    return jax.lax.dot_general(x, x, ((others, others), ((), ())))
+  return jnp.sum(x * x, axis=others)
+
+
+def unfold(x, axis):
+  """The mode-``axis`` unfolding ``(n, numel / n)``: its Gram matrix is ``gram(x, axis, True)``."""
+  moved = jnp.moveaxis(x, axis, 0)
+  return moved.reshape(moved.shape[0], -1)
+
+
+def norm_lower_bound(a):
+  """A cheap lower bound of ``‖a‖₂`` for symmetric ``a`` (two power iterations)."""
+  scale = jnp.max(jnp.abs(a))
+  safe = jnp.where(scale > 0, scale, 1.0)
+  a = a / safe
+  tiny = jnp.finfo(a.dtype).tiny
+  x = jnp.take(a, jnp.argmax(jnp.sum(a * a, axis=1)), axis=0)
+  for _ in range(2):
+    x = x / (jnp.linalg.norm(x) + tiny)
+    x = a @ x
+  x = x / (jnp.linalg.norm(x) + tiny)
+  return jnp.where(scale > 0, safe * jnp.linalg.norm(a @ x), 0.0)
+
+
+def norm_lower_bound_gram(z):
+  """``norm_lower_bound(z zᵀ)`` without forming ``z zᵀ`` (for tall, thin ``z``)."""
+  scale = jnp.max(jnp.abs(z))
+  safe = jnp.where(scale > 0, scale, 1.0)
+  z = z / safe
+  tiny = jnp.finfo(z.dtype).tiny
+  x = jnp.take(z, jnp.argmax(jnp.sum(z * z, axis=0)), axis=1)
+  for _ in range(2):
+    x = x / (jnp.linalg.norm(x) + tiny)
+    x = z @ (z.T @ x)
+  x = x / (jnp.linalg.norm(x) + tiny)
+  return jnp.where(scale > 0, safe * safe * jnp.linalg.norm(z @ (z.T @ x)), 0.0)
+
+
+def upper_matmul(a, b, min_block=512):
+  """``a @ b`` for upper-triangular ``a`` and ``b``, skipping the zero blocks (half the flops).
+
+  Splits in 2 x 2 blocks recursively while blocks stay >= ``min_block``:
+  ``[[a11, a12], [0, a22]] @ [[b11, b12], [0, b22]]``
+  ``= [[a11 b11, a11 b12 + a12 b22], [0, a22 b22]]``.
+  """
+  n = a.shape[0]
+  if n < 2 * min_block:
+    return a @ b
+  h = n // 2
+  top_left = upper_matmul(a[:h, :h], b[:h, :h], min_block)
+  bottom_right = upper_matmul(a[h:, h:], b[h:, h:], min_block)
+  top_right = a[:h, :h] @ b[:h, h:] + a[:h, h:] @ b[h:, h:]
+  bottom_left = jnp.zeros((n - h, h), a.dtype)
+  return jnp.block([[top_left, top_right], [bottom_left, bottom_right]])
+
+
+# ---------------------------------------------------------------------------------------------
+# Procrustes rotations (keep a dense factor symmetric positive definite).
+# ---------------------------------------------------------------------------------------------
+
+
+def _rotation_step(tr_rq, tr_rrq):
+  """Step ``a`` maximising ``tr((I + aR + a²R²/2) q)``: ``-tr(Rq)/tr(R²q)``, capped at 1/4."""
+  safe = jnp.where(tr_rrq < 0, tr_rrq, -1.0)
+  a = jnp.where(tr_rrq < 0, jnp.minimum(-tr_rq / safe, PROCRUSTES_MAX_STEP), PROCRUSTES_MAX_STEP)
+  return jnp.where(tr_rq > 0, a, 0.0)
+
+
+def procrustes_rotation(q):
+  """Rotates ``q`` towards symmetric positive definite (online orthogonal Procrustes step).
+
+  ``q ← U q`` with ``U = exp(a R) ≈ I + aR + (aR)²/2``, ``R = qᵀ - q`` normalised to unit
+  Frobenius norm, and ``a ≤ 1/4`` from an exact line search of ``tr(U q)`` along the quadratic
+  model. ``U`` is orthogonal to fourth order, so ``P = qᵀ q`` is preserved.
+  """
+  r = q.T - q
+  r = r / (jnp.linalg.norm(r) + jnp.finfo(q.dtype).tiny)
+  rq = r @ q
+  rrq = r @ rq
+  a = _rotation_step(jnp.trace(rq), jnp.trace(rrq))
+  return q + a * (rq + 0.5 * a * rrq)
+
+
+def procrustes_rotation_factored(q, left, right):
+  """:func:`procrustes_rotation` with the skew generator ``R = left @ rightᵀ`` kept factored.
+
+  ``left`` and ``right`` are ``(n, m)`` with ``m < n``: ``R q = left (rightᵀ q)`` and
+  ``R² q = left ((rightᵀ left)(rightᵀ q))`` cost ``O(n² m)`` instead of ``O(n³)``.
+  """
+  tiny = jnp.finfo(q.dtype).tiny
+  # ‖R‖_F² = Σ (leftᵀ left) ⊙ (rightᵀ right) suffers cancellation when R is small next to its
+  # factors: below 1e-3 of ‖left‖ ‖right‖ it is round-off, and no rotation is taken.
+  fro = jnp.sqrt(jnp.maximum(jnp.sum((left.T @ left) * (right.T @ right)), 0.0))
+  meaningful = fro > 1e-3 * jnp.linalg.norm(left) * jnp.linalg.norm(right)
+  inv = jnp.where(meaningful, 1.0 / (fro + tiny), 0.0)
+  c = (right.T @ q) * inv  # R q = left c
+  mc = ((right.T @ left) * inv) @ c  # R² q = left mc
+  a = _rotation_step(jnp.sum(left * c.T), jnp.sum(left * mc.T))
+  return q + left @ (a * c + 0.5 * a * a * mc)
+
+
+# ---------------------------------------------------------------------------------------------
+# One factor's Lie-group step: q ← q − (μ / L) (term1 − term2) q, per geometry.
+# ---------------------------------------------------------------------------------------------
+
+
+def _normalised_step(lip, bound, lr, lipschitz_decay, dtype):
+  """``L ← max(β_L L + (1 − β_L) ℓ, ℓ)`` and the step size ``μ / L``; returns ``(L, μ / L)``."""
+  bound = bound.astype(jnp.float32)
+  lip = jnp.maximum(lipschitz_decay * lip + (1.0 - lipschitz_decay) * bound, bound)
+  return lip, (lr / jnp.maximum(lip, jnp.finfo(jnp.float32).tiny)).astype(dtype)
+
+
+def diagonal_step(q, lip, a, b, axis, lr, lipschitz_decay):
+  """``q ← q (1 − (μ/L)(diag term1 − diag term2))`` for a diagonal factor ``q`` of ``(n,)``.
+
+  ``b`` None means whitening with ``E[v vᵀ] = I`` integrated out: ``term2 = (numel / n) I``.
+  """
+  term1 = gram(a, axis, False)
+  if b is None:
+    term2 = a.size / q.shape[0]
+    bound = jnp.max(term1) + term2
+  else:
+    term2 = gram(b, axis, False)
+    bound = jnp.max(term1 + term2)
+  lip, step = _normalised_step(lip, bound, lr, lipschitz_decay, q.dtype)
+  return q - step * (term1 - term2) * q, lip
+
+
+def triangular_step(q, lip, a, b, axis, lr, lipschitz_decay):
+  """``Q ← Q − (μ/L) triu(term1 − term2) Q`` on the group of upper-triangular matrices."""
+  term1 = gram(a, axis, True)
+  term2 = gram(b, axis, True)
+  bound = norm_lower_bound(term1 + term2)
+  lip, step = _normalised_step(lip, bound, lr, lipschitz_decay, q.dtype)
+  return q - step * upper_matmul(jnp.triu(term1 - term2), q), lip
+
+
+def procrustes_step(q, lip, a, b, axis, lr, lipschitz_decay):
+  """``Q ← R(Q − (μ/L)(term1 − term2) Q)``, ``R`` a rotation keeping ``Q`` symmetric PD."""
+  n = q.shape[0]
+  term1 = gram(a, axis, True)
+  if b is None:  # whitening with E[v vᵀ] = I integrated out: term2 = (numel / n) I
+    term2_scalar = a.size / n
+    term2 = term2_scalar * jnp.eye(n, dtype=q.dtype)
+    bound = norm_lower_bound(term1) + term2_scalar
+  else:
+    term2 = gram(b, axis, True)
+    bound = norm_lower_bound(term1 + term2)
+  lip, step = _normalised_step(lip, bound, lr, lipschitz_decay, q.dtype)
+  return procrustes_rotation(q - step * ((term1 - term2) @ q)), lip
+
+
+def procrustes_low_rank_step(q, lip, a, b, axis, lr, lipschitz_decay):
+  """:func:`procrustes_step` through the unfoldings, for ``2 numel < n²``.
+
+  ``term1 = Y Yᵀ`` (``Y`` the mode-``axis`` unfolding of ``a``, ``(n, k)`` with ``k < n / 2``)
+  is never formed: the step costs ``O(n² k)`` instead of ``O(n³)``, and the rotation acts along
+  the step's own low-rank asymmetry.
+  """
+  n = q.shape[0]
+  y = unfold(a, axis)
+  z = y if b is None else jnp.concatenate([y, unfold(b, axis)], axis=1)
+  term2_scalar = a.size / n if b is None else 0.0
+  bound = norm_lower_bound_gram(z) + term2_scalar
+  lip, step = _normalised_step(lip, bound, lr, lipschitz_decay, q.dtype)
+  # q ← q - step (Y Yᵀ q - V Vᵀ q): its new asymmetry qᵀ - q is (up to scale and the small
+  # residual left by earlier rotations) Y W_yᵀ - W_y Yᵀ - V W_vᵀ + W_v Vᵀ with W = qᵀ Y, qᵀ V.
+  w_y = q.T @ y
+  diff_q = y @ w_y.T - term2_scalar * q
+  left, right = [y, w_y], [w_y, -y]
+  if b is not None:
+    v_unf = unfold(b, axis)
+    w_v = q.T @ v_unf
+    diff_q = diff_q - v_unf @ w_v.T
+    left, right = [*left, v_unf, w_v], [*right, -w_v, v_unf]
+  q = q - step * diff_q
+  left, right = jnp.concatenate(left, axis=1), jnp.concatenate(right, axis=1)
+  if left.shape[1] * 2 > n:
+    return procrustes_rotation(q), lip
+  q = procrustes_rotation_factored(q, left, right)
+  # The factored generator leaves earlier residual asymmetry alone; a full rotation removes it
+  # once it exceeds ASYMMETRY_TOLERANCE (relative Frobenius norm).
+  asymmetry = jnp.linalg.norm(q.T - q) / (jnp.linalg.norm(q) + jnp.finfo(q.dtype).tiny)
+  q = jax.lax.cond(asymmetry > ASYMMETRY_TOLERANCE, procrustes_rotation, lambda x: x, q)
+  return q, lip
+
+
+def factor_step(geometry, dense, n, numel):
+  """The step function for a factor of size ``n`` in a unit of ``numel`` entries."""
+  if not dense:
+    return diagonal_step
+  if geometry == "triangular":
+    return triangular_step
+  return procrustes_low_rank_step if 2 * numel < n * n else procrustes_step
+
+
+# ---------------------------------------------------------------------------------------------
+# The whole fit of one unit.
+# ---------------------------------------------------------------------------------------------
+
+
+def balance(factors):
+  """Rescales factors to equal max-abs (their geometric mean); ``Q`` itself is unchanged."""
+  if len(factors) < 2:
+    return factors
+  norms = jnp.stack([jnp.max(jnp.abs(q)) for q in factors])
+  ok = jnp.all(norms > 0) & jnp.all(jnp.isfinite(norms))
+  safe = jnp.where(ok, norms, 1.0)
+  gmean = jnp.exp(jnp.mean(jnp.log(safe)))
+  return tuple(q * (gmean / n) for q, n in zip(factors, safe, strict=True))
+
+
+def initial_scale(h, v):
+  """Scale of ``Q`` from the first fitting pair: ``(mean h⁴ / mean v⁴)^(-1/8)``, 1 if undefined."""
+  h4 = jnp.mean(h**4)
+  v4 = 1.0 if v is None else jnp.mean(v**4)
+  ok = (h4 > 0) & jnp.isfinite(h4) & (v4 > 0)
+  ratio = jnp.where(ok, h4 / jnp.where(ok, v4, 1.0), 1.0)
+  scale = ratio ** (-1.0 / 8.0)
+  return jnp.where(jnp.isfinite(scale) & (scale > 0), scale, 1.0)
+
+
+def fitting_pair(factors, h, v, noise, dense, options):
+  """``(A, B)`` of the fitting step; ``B`` None when ``E[v vᵀ] = I`` is integrated out.
+
+  ``h`` is damped to ``h + (damping + ε|h|) noise``. Triangular: ``A = Q h``, ``B = Q⁻ᵀ v``
+  (whitening: ``v`` is the damping noise itself, independent of ``h``); procrustes: ``A = P h``,
+  ``B = v``.
+  """
+  eps = jnp.finfo(h.dtype).eps
+  damped = h + (options.damping + eps * jnp.abs(h)) * noise
+  if options.geometry != "triangular":
+    return precondition(factors, damped, dense), v
+  a, b = damped, noise if v is None else v
+  for axis, (q, is_dense) in enumerate(zip(factors, dense, strict=True)):
+    a = apply_on_axis(q, a, axis, is_dense)
+  for axis, (q, is_dense) in enumerate(zip(factors, dense, strict=True)):
+    b = solve_transposed(q, b, axis, is_dense)
+  return a, b
+
+
+def fit_factors(factors, lips, h, v, noise, lr, first_step, dense, options):
+  """One Lie-group step of every factor of one fitting unit.
+
+  Args:
+    factors: tuple of factors, one per axis of ``h``.
+    lips: tuple of float32 scalar Lipschitz estimates, one per factor.
+    h: the fitting target: gradient/momentum (whitening) or Hessian-vector product (newton).
+    v: the probe of the Hessian-vector product (newton), or None (whitening).
+    noise: standard normal tensor like ``h``.
+    lr: the preconditioner learning rate μ.
+    first_step: bool scalar; with ``options.auto_init`` the factors are first rescaled.
+    dense: per axis, whether its factor is dense.
+    options: a :class:`FitOptions`.
+
+  Returns:
+    The new factors (rebalanced) and Lipschitz estimates.
+  """
+  if options.auto_init:
+    scale = jnp.where(first_step, initial_scale(h, v), 1.0) ** (1.0 / len(factors))
+    factors = tuple(q * scale.astype(q.dtype) for q in factors)
+  a, b = fitting_pair(factors, h, v, noise, dense, options)
+  new_factors, new_lips = [], []
+  for axis, (q, lip, is_dense) in enumerate(zip(factors, lips, dense, strict=True)):
+    step = factor_step(options.geometry, is_dense, q.shape[0], h.size)
+    q, lip = step(q, lip, a, b, axis, lr, options.lipschitz_decay)
+    new_factors.append(q)
+    new_lips.append(lip)
+  return balance(tuple(new_factors)), tuple(new_lips)

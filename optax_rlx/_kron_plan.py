@@ -1,0 +1,159 @@
+"""Kron's static plan: which factors each leaf gets, and how the leaf is laid out for them.
+
+Pure Python and NumPy on shapes: nothing here runs JAX math. The transform
+(:mod:`optax_rlx._kron`) builds one :class:`LeafPlan` per leaf at ``init`` and trace time; the
+numerics (:mod:`optax_rlx._kron_numerics`) act on one *fitting unit*, a tensor of shape
+``plan.block_shape``, and a stacked or blocked leaf is a batch of ``plan.lead`` such units.
+"""
+
+import dataclasses
+
+import numpy as np
+
+MEMORY_SAVE_MODES = (None, "one_diag", "all_diag")
+
+
+@dataclasses.dataclass(frozen=True)
+class StructureRule:
+  """Which axes get dense factors (see ``scale_by_kron``'s arguments of the same names).
+
+  An axis of a fitting unit is diagonal when its size is 1, above ``max_size_dense``, when the
+  unit has fewer than ``min_ndim_dense`` axes, when ``size² > max_skew_dense · numel``, or by
+  ``memory_save_mode``; ``block_size`` (or None) cuts long axes into equal blocks first.
+  """
+
+  max_size_dense: int
+  min_ndim_dense: int
+  max_skew_dense: float
+  memory_save_mode: str | None
+  block_size: int | None
+
+
+@dataclasses.dataclass(frozen=True)
+class LeafPlan:
+  """Static description of one leaf's preconditioner.
+
+  Attributes:
+    block_shape: shape of one fitting unit, the tensor the factors act on: the leaf's shape
+      without its layer axis, divided into blocks; scalars become ``(1,)``.
+    dense: per axis of ``block_shape``: a dense ``(d, d)`` factor (True) or a diagonal ``(d,)``.
+    stacked: whether the leaf's leading axis stacks layers, each with its own factors.
+    leaf_shape: the leaf's own shape.
+    blocks: per axis of the (unstacked) leaf, the number of equal blocks it is cut into.
+  """
+
+  block_shape: tuple[int, ...]
+  dense: tuple[bool, ...]
+  stacked: bool
+  leaf_shape: tuple[int, ...]
+  blocks: tuple[int, ...]
+
+  @property
+  def blocked(self) -> bool:
+    return any(b > 1 for b in self.blocks)
+
+  @property
+  def batched(self) -> bool:
+    """Whether the factors carry a leading axis (layers and/or blocks) and the fit is vmapped."""
+    return self.stacked or self.blocked
+
+  @property
+  def lead(self) -> tuple[int, ...]:
+    """``(layers · blocks,)`` for a batched leaf, ``()`` otherwise."""
+    if not self.batched:
+      return ()
+    layers = self.leaf_shape[0] if self.stacked else 1
+    return (layers * int(np.prod(self.blocks)),)
+
+  @property
+  def factor_shapes(self) -> tuple[tuple[int, ...], ...]:
+    """The state's factor shapes: ``lead + (d, d)`` dense, ``lead + (d,)`` diagonal."""
+    return tuple(
+        (*self.lead, d, d) if is_dense else (*self.lead, d)
+        for d, is_dense in zip(self.block_shape, self.dense, strict=True)
+    )
+
+
+def block_count(d: int, block_size: int | None) -> int:
+  """Fewest equal blocks of size <= ``block_size`` an axis of size ``d`` splits into."""
+  if block_size is None or d <= block_size:
+    return 1
+  return next(n for n in range(-(-d // block_size), d + 1) if d % n == 0)
+
+
+def _diagonal_axes(block_shape: tuple[int, ...], memory_save_mode: str | None) -> set[int]:
+  if memory_save_mode == "all_diag":
+    return set(range(len(block_shape)))
+  if memory_save_mode == "one_diag":
+    return {int(np.argsort(np.asarray(block_shape), kind="stable")[-1])}
+  return set()
+
+
+def make_plan(shape: tuple[int, ...], stacked: bool, rule: StructureRule, path: str) -> LeafPlan:
+  """The plan of a leaf of ``shape`` (``path`` names it in errors)."""
+  leaf_shape = tuple(shape)
+  if stacked:
+    if len(shape) == 0:
+      raise ValueError(
+          f"kron: leaf {path} is declared in `stacked_layers` but is a scalar; a stacked "
+          f"leaf needs a leading layer axis."
+      )
+    shape = shape[1:]
+  shape = tuple(shape) if len(shape) else (1,)
+  blocks = tuple(block_count(d, rule.block_size) for d in shape)
+  block_shape = tuple(d // n for d, n in zip(shape, blocks, strict=True))
+  numel = int(np.prod(block_shape))
+  ndim = len(block_shape)
+  diagonal = _diagonal_axes(block_shape, rule.memory_save_mode)
+  dense = tuple(
+      i not in diagonal
+      and 1 < d <= rule.max_size_dense
+      and ndim >= rule.min_ndim_dense
+      and d * d <= rule.max_skew_dense * numel
+      for i, d in enumerate(block_shape)
+  )
+  return LeafPlan(
+      block_shape=block_shape, dense=dense, stacked=stacked, leaf_shape=leaf_shape, blocks=blocks
+  )
+
+
+def check_factor_shapes(plan: LeafPlan, shapes: tuple[tuple[int, ...], ...], path: str) -> None:
+  """Raises ``ValueError`` unless a state's factor ``shapes`` are the ones ``plan`` lays out."""
+  if shapes != plan.factor_shapes:
+    raise ValueError(
+        f"kron: leaf {path} has gradient shape {plan.leaf_shape}, which does not match its "
+        f"preconditioner factors {shapes}."
+    )
+
+
+def to_inner(x, plan: LeafPlan):
+  """A leaf-shaped array as ``plan.lead + plan.block_shape``: layers and blocks on one axis.
+
+  Works on any array with ``reshape`` and ``transpose`` (JAX or NumPy).
+  """
+  layers = (plan.leaf_shape[0],) if plan.stacked else ()
+  full = tuple(d * n for d, n in zip(plan.block_shape, plan.blocks, strict=True))
+  x = x.reshape(layers + full)
+  if not plan.blocked:
+    return x
+  k = len(layers)
+  split = layers + tuple(
+      v for n, d in zip(plan.blocks, plan.block_shape, strict=True) for v in (n, d)
+  )
+  x = x.reshape(split)
+  r = len(plan.block_shape)
+  block_index_axes = tuple(k + 2 * i for i in range(r))
+  within_block_axes = tuple(k + 2 * i + 1 for i in range(r))
+  perm = tuple(range(k)) + block_index_axes + within_block_axes
+  return x.transpose(perm).reshape(plan.lead + plan.block_shape)
+
+
+def from_inner(u, plan: LeafPlan):
+  """Inverse of :func:`to_inner`: back to the leaf's shape."""
+  if plan.blocked:
+    layers = (plan.leaf_shape[0],) if plan.stacked else ()
+    k, r = len(layers), len(plan.block_shape)
+    u = u.reshape(layers + plan.blocks + plan.block_shape)
+    perm = tuple(range(k)) + tuple(v for i in range(r) for v in (k + i, k + r + i))
+    u = u.transpose(perm)
+  return u.reshape(plan.leaf_shape)
