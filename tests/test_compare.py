@@ -28,3 +28,14 @@ def test_compare_smoke_run_writes_table_json_and_plot(tmp_path):
   assert all(r["ms_per_step"] > 0 and len(r["curve"]) == 50 for r in results)
   assert (tmp_path / "compare_quick.png").stat().st_size > 10_000
   assert (tmp_path / "compare_quick.md").read_text().count("| optax.adam |") == 2
+
+
+def test_the_test_extra_brings_the_psgd_jax_baseline():
+  """``pip install -e ".[test]"`` must make psgd_jax's kron importable (it imports chex, which it
+  does not declare); otherwise compare.py and kron_speed.py silently drop the baseline."""
+  sys.path.insert(0, str(ROOT / "benchmarks"))
+  try:
+    from _baselines import import_psgd_jax_kron
+  finally:
+    sys.path.remove(str(ROOT / "benchmarks"))
+  assert callable(import_psgd_jax_kron())
