@@ -25,7 +25,7 @@ class AdafactorState(NamedTuple):
   (batch) axes. Keeping the reduced axis makes every statistic's axes line up with its param's, so
   it can take the param's sharding (see :func:`optax_rlx.state_sharding`). Unfactored leaves keep
   the full EMA ``v`` of shape ``S``. Unused slots hold a ``(1,)`` placeholder. Statistics are
-  float32 (float64 for float64 params) whatever the param dtype.
+  real, float32 (float64 for float64 and complex128 params) whatever the param dtype.
 
   Attributes:
     count: int32 scalar, the number of updates applied so far.
@@ -122,13 +122,13 @@ class _AdafactorConfig:
 
 def _init(params, cfg: _AdafactorConfig) -> AdafactorState:
   """Zero statistics: ``v_row``/``v_col`` for factored leaves, ``v`` for the others."""
-  _common.check_real_float_leaves(_OWNER, params, "params")
+  _common.check_inexact_leaves(_OWNER, params, "params")
   params, rewrap = _common.split_variables(params)
   leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
   policies = _leaf_policies(cfg.factoring, params)
   v_row, v_col, v = [], [], []
   for (path, p), policy in zip(leaves, policies, strict=True):
-    shape, dtype = tuple(p.shape), _common.stats_dtype(p.dtype)
+    shape, dtype = tuple(p.shape), _common.real_stats_dtype(p.dtype)
     placeholder = jnp.zeros((1,), dtype)
     axes = factored_axes(policy, _common.path_str(path), shape, cfg.min_dim_size_to_factor,
                          for_init=True)
@@ -155,14 +155,14 @@ def _init(params, cfg: _AdafactorConfig) -> AdafactorState:
 
 
 def _update_unfactored(path, g, v, beta2, cfg: _AdafactorConfig):
-  """``V ← β̂ V + (1 − β̂)(G² + ε₁)``, ``U = G / √V``; returns ``(U, V)``."""
+  """``V ← β̂ V + (1 − β̂)(|G|² + ε₁)``, ``U = G / √V``; returns ``(U, V)``."""
   if tuple(v.shape) != tuple(g.shape):
     raise ValueError(
         f"{_OWNER}: leaf {_common.path_str(path)} has gradient shape {tuple(g.shape)} but the "
         f"state was initialised for shape {tuple(v.shape)}."
     )
-  g = g.astype(v.dtype)
-  new_v = beta2 * v + (1.0 - beta2) * (g * g + cfg.epsilon1)
+  g = g.astype(_common.like_param_dtype(v.dtype, g.dtype))
+  new_v = beta2 * v + (1.0 - beta2) * (_common.abs2(g) + cfg.epsilon1)
   if cfg.variance_floor is None:
     u = g * new_v**-0.5
   else:
@@ -171,7 +171,7 @@ def _update_unfactored(path, g, v, beta2, cfg: _AdafactorConfig):
 
 
 def _update_factored(path, policy, g, v_row, v_col, beta2, cfg: _AdafactorConfig):
-  """Row and column EMAs of ``G² + ε₁``, ``U = G / √(R Cᵀ / mean(R))``; returns ``(U, R, C)``."""
+  """Row and column EMAs of ``|G|² + ε₁``, ``U = G / √(R Cᵀ / mean(R))``; returns ``(U, R, C)``."""
   shape = tuple(g.shape)
   axes = factored_axes(policy, _common.path_str(path), shape, cfg.min_dim_size_to_factor,
                        for_init=False)
@@ -186,8 +186,8 @@ def _update_factored(path, policy, g, v_row, v_col, beta2, cfg: _AdafactorConfig
         f"match its factored state (row statistics {tuple(v_row.shape)}, column statistics "
         f"{tuple(v_col.shape)})."
     )
-  g = g.astype(v_row.dtype)
-  g_sq = g * g + cfg.epsilon1
+  g = g.astype(_common.like_param_dtype(v_row.dtype, g.dtype))
+  g_sq = _common.abs2(g) + cfg.epsilon1
   new_row = beta2 * v_row + (1.0 - beta2) * jnp.mean(g_sq, axis=col_axis, keepdims=True)
   new_col = beta2 * v_col + (1.0 - beta2) * jnp.mean(g_sq, axis=row_axis, keepdims=True)
   row_mean = jnp.mean(new_row, axis=row_axis, keepdims=True)
@@ -208,7 +208,7 @@ def _update_leaf(path, policy, g, v_row, v_col, v, beta2, cfg: _AdafactorConfig)
   else:
     u, v = _update_unfactored(path, g, v, beta2, cfg)
   if cfg.clipping_threshold is not None:
-    u = u / jnp.maximum(1.0, jnp.sqrt(jnp.mean(u * u)) / cfg.clipping_threshold)
+    u = u / jnp.maximum(1.0, jnp.sqrt(jnp.mean(_common.abs2(u))) / cfg.clipping_threshold)
   return u.astype(g.dtype), v_row, v_col, v
 
 
@@ -224,7 +224,7 @@ def _update(updates, state, params, cfg: _AdafactorConfig):
   _common.check_same_structure(_OWNER, vs, "the optimizer state", updates, "the updates")
   if params is not None:
     _common.check_same_shapes(_OWNER, params, "the params", updates, "the updates")
-  _common.check_real_float_leaves(_OWNER, updates, "the updates")
+  _common.check_inexact_leaves(_OWNER, updates, "the updates")
   beta2 = _beta2(state.count, cfg.decay_rate, cfg.decay_offset, cfg.beta2_cap)
   leaves, treedef = jax.tree_util.tree_flatten_with_path(updates)
   per_leaf = [
@@ -268,7 +268,7 @@ def scale_by_adafactor(
 
   .. math::
 
-    \hat\beta_{2,t} &= \min(\texttt{beta2\_cap},\ 1 - t^{-\texttt{decay\_rate}}) \\
+    \hat\beta_{2,t} &= \min(\mathtt{beta2\_cap},\ 1 - t^{-\mathtt{decay\_rate}}) \\
     R_t &= \hat\beta_{2,t} R_{t-1} + (1-\hat\beta_{2,t})\,
            \mathrm{mean}_{j}(G^2 + \epsilon_1) \qquad (\text{rows}, \in \mathbb{R}^n) \\
     C_t &= \hat\beta_{2,t} C_{t-1} + (1-\hat\beta_{2,t})\,
@@ -374,7 +374,7 @@ def _scale_by_adafactor_step(
     weight_decay_mask: Any,
 ) -> optax.GradientTransformationExtraArgs:
   """Applies Adafactor's step size, momentum, weight decay and the sign flip (see ``adafactor``)."""
-  use_momentum = b1 is not None and not _common.is_zero(b1)
+  use_momentum = b1 is not None  # 0 keeps the buffer: one state structure for every value
   use_decay = not _common.is_zero(weight_decay)
   needs_params = multiply_by_parameter_scale or use_decay
 
@@ -441,7 +441,7 @@ def adafactor(
 
   .. math::
 
-    \eta_t &= \texttt{learning\_rate}(t), \text{ or } \rho_t = \min(10^{-2}, 1/\sqrt{t})
+    \eta_t &= \mathtt{learning\_rate}(t), \text{ or } \rho_t = \min(10^{-2}, 1/\sqrt{t})
               \text{ when it is None (relative step)} \\
     s_t &= \max(\epsilon_2, \mathrm{RMS}(\theta_{t-1})) \text{ if multiply\_by\_parameter\_scale,
            else } 1 \\
@@ -470,6 +470,10 @@ def adafactor(
     min_dim_size_to_factor=1)``. Torch multiplies the decay by ``γ`` rather than
     :math:`\rho_t`; the two agree for the first :math:`1/\gamma^2` steps (10⁴ at ``γ=1e-2``).
 
+  Complex parameters: pass the conjugate of ``jax.grad(loss)`` (optax's convention). The
+  statistics are EMAs of :math:`|G|^2` (real), the step :math:`\hat U` is complex in the
+  gradient's dtype, and the parameter scale is :math:`\mathrm{RMS}(|\theta|)`.
+
   Non-finite gradients propagate into the statistics and the update (as in optax); wrap the
   optimizer in ``optax.apply_if_finite`` to skip such steps and keep the state clean.
 
@@ -486,8 +490,10 @@ def adafactor(
     variance_floor: see :func:`scale_by_adafactor`.
     factoring: see :func:`scale_by_adafactor`.
     min_dim_size_to_factor: see :func:`scale_by_adafactor`.
-    b1: momentum decay :math:`b_1` in [0, 1), or None for no momentum (paper).
-    mu_dtype: dtype of the momentum; None means the param dtype.
+    b1: momentum decay :math:`b_1` in [0, 1), or None for no momentum (paper); 0 keeps a
+      momentum buffer, so the state's structure never depends on the value.
+    mu_dtype: dtype of the momentum (its complex counterpart for complex params); None means
+      the param dtype.
     weight_decay: :math:`\lambda`, decoupled weight decay (>= 0).
     weight_decay_mask: a pytree of bools (or a prefix of the params, or a callable of the
       params returning one): True where weight decay applies. None means everywhere.

@@ -12,6 +12,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 
 def is_traced(value: Any) -> bool:
@@ -226,9 +227,12 @@ def as_tuple(node: Any) -> tuple[Any, ...]:
 
 
 def momentum_like(params: Any, mu_dtype: Any) -> Any:
-  """Zeros shaped (and, under explicit meshes, sharded) like ``params`` in ``mu_dtype``."""
+  """Zeros shaped (and, under explicit meshes, sharded) like ``params`` in ``mu_dtype`` (its
+  complex counterpart for complex params)."""
   return jax.tree.map(
-      lambda p: zeros_like_layout(p.shape, mu_dtype if mu_dtype is not None else p.dtype, p),
+      lambda p: zeros_like_layout(
+          p.shape, p.dtype if mu_dtype is None else like_param_dtype(mu_dtype, p.dtype), p
+      ),
       params,
   )
 
@@ -284,8 +288,9 @@ def check_same_shapes(owner: str, ref: Any, ref_name: str, other: Any, other_nam
       )
 
 
-def check_real_float_leaves(owner: str, tree: Any, tree_name: str) -> None:
-  """Raises ``ValueError`` unless every leaf has a real floating dtype (``ShapeDtypeStruct`` ok)."""
+def check_inexact_leaves(owner: str, tree: Any, tree_name: str) -> None:
+  """Raises ``ValueError`` unless every leaf has a real floating or complex dtype
+  (``ShapeDtypeStruct`` ok)."""
   for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
     dtype = getattr(leaf, "dtype", None)
     if dtype is None or not hasattr(leaf, "shape"):
@@ -293,16 +298,52 @@ def check_real_float_leaves(owner: str, tree: Any, tree_name: str) -> None:
           f"{owner}: leaf {path_str(path)} of {tree_name} is {type(leaf).__name__}, expected an "
           f"array or jax.ShapeDtypeStruct."
       )
-    if not jnp.issubdtype(dtype, jnp.floating):
+    if not jnp.issubdtype(dtype, jnp.inexact):
       raise ValueError(
           f"{owner}: leaf {path_str(path)} of {tree_name} has dtype {jnp.dtype(dtype).name}; "
-          f"only real floating-point leaves are supported."
+          f"only floating-point and complex leaves are supported."
       )
 
 
+def is_complex(dtype: Any) -> bool:
+  return jnp.issubdtype(dtype, jnp.complexfloating)
+
+
+def real_dtype(dtype: Any) -> jnp.dtype:
+  """The real dtype of a complex one (complex64 → float32); a real dtype itself."""
+  return jnp.finfo(dtype).dtype if is_complex(dtype) else jnp.dtype(dtype)
+
+
+def complex_dtype(dtype: Any) -> jnp.dtype:
+  """The complex counterpart of a floating dtype: float64 → complex128, any other → complex64
+  (there is no complex bfloat16 or float16)."""
+  if is_complex(dtype):
+    return jnp.dtype(dtype)
+  return jnp.dtype(jnp.complex128 if jnp.dtype(dtype) == jnp.float64 else jnp.complex64)
+
+
+def like_param_dtype(dtype: Any, param_dtype: Any) -> jnp.dtype:
+  """``dtype`` for a buffer of a ``param_dtype`` param: its complex counterpart for complex
+  params (a real ``mu_dtype`` names the precision of a complex momentum)."""
+  return complex_dtype(dtype) if is_complex(param_dtype) else jnp.dtype(dtype)
+
+
+def abs2(x: jax.Array) -> jax.Array:
+  """``|x|²`` elementwise, real: ``x * x`` for real ``x``."""
+  if jnp.iscomplexobj(x):
+    return jnp.square(x.real) + jnp.square(x.imag)
+  return x * x
+
+
 def stats_dtype(dtype: Any) -> jnp.dtype:
-  """Dtype for optimizer statistics: float32, or the param dtype when it is wider."""
+  """Dtype for optimizer statistics: float32, or the param dtype when it is wider (complex64 for
+  complex64 params)."""
   return jnp.promote_types(dtype, jnp.float32)
+
+
+def real_stats_dtype(dtype: Any) -> jnp.dtype:
+  """Dtype for real statistics of a param (``|g|²``, norms): float32 or float64."""
+  return real_dtype(stats_dtype(dtype))
 
 
 def schedule_value(value: Any, count: jax.Array) -> Any:
@@ -319,3 +360,21 @@ def resolve_mask(mask: Any, params: Any) -> Any:
       is_leaf=lambda x: isinstance(x, bool),
   )
 
+
+
+def decoupled_weight_decay(weight_decay: Any, mask: Any) -> optax.GradientTransformation:
+  """``optax.add_decayed_weights(weight_decay, mask)`` with the same state at every value.
+
+  At a Python 0 the step is skipped (and needs no params), but the state is still the one
+  ``add_decayed_weights`` builds, so an alias's state has one structure whether ``weight_decay``
+  is 0, another number, or traced by ``optax.inject_hyperparams``.
+  """
+  decay = optax.add_decayed_weights(weight_decay, mask)
+  if not is_zero(weight_decay):
+    return decay
+
+  def skip(updates, state, params=None):
+    del params
+    return updates, state
+
+  return optax.GradientTransformation(decay.init, skip)

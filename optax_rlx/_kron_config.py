@@ -82,17 +82,23 @@ class KronConfig:
 
   @property
   def use_momentum(self) -> bool:
-    return self.b1 is not None and not _common.is_zero(self.b1)
+    """``b1=None`` turns momentum off; any number, 0 included, keeps the buffer (so the state's
+    structure does not depend on the value, as ``optax.inject_hyperparams`` needs)."""
+    return self.b1 is not None
 
   @property
   def refits_every_step(self) -> bool:
     """A static probability of 1: the refit runs unconditionally (no ``lax.cond``)."""
     return isinstance(self.update_prob, int | float) and self.update_prob >= 1.0
 
-  def factor_dtype(self, param_dtype) -> jnp.dtype:
+  def factor_dtype(self, param_dtype, dense: bool) -> jnp.dtype:
+    """Dense factors of complex params are complex (``precond_dtype`` names their precision);
+    diagonal factors are always real."""
     if self.precond_dtype is not None:
-      return jnp.dtype(self.precond_dtype)
-    return _common.stats_dtype(param_dtype)
+      dtype = _common.like_param_dtype(self.precond_dtype, param_dtype)
+    else:
+      dtype = _common.stats_dtype(param_dtype)
+    return dtype if dense else _common.real_dtype(dtype)
 
 
 def _check_choice(name, value, choices):

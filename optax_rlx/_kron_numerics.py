@@ -2,7 +2,9 @@
 
 A fitting unit is a tensor ``x`` of shape ``(d_1, ..., d_r)`` with one factor ``Q_i`` per axis:
 dense ``(d_i, d_i)`` or diagonal ``(d_i,)`` (``dense[i]``), ``Q = Q_1 ⊗ ... ⊗ Q_r`` and
-``P = Qᵀ Q``. Everything runs in the dtype of its inputs (float32 or wider; the transform casts).
+``P = Qᴴ Q``. Everything runs in the dtype of its inputs (float32 or wider; the transform casts).
+Complex units have complex dense factors (``ᴴ`` is the conjugate transpose, a plain transpose for
+real ones) and real positive diagonal factors; Gram terms are ``A Aᴴ``, norms and traces real.
 
 The fit (:func:`fit_factors`) takes one Lie-group step on ``E[hᵀ P h + vᵀ P⁻¹ v]``; its
 per-factor steps are :func:`diagonal_step`, :func:`triangular_step`, :func:`procrustes_step` and
@@ -14,6 +16,8 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+
+from optax_rlx._common import abs2 as _abs2
 
 PROCRUSTES_MAX_STEP = 0.25
 ASYMMETRY_TOLERANCE = 1e-3
@@ -45,6 +49,22 @@ def _axis_shape(ndim, axis, size):
   return tuple(size if k == axis else 1 for k in range(ndim))
 
 
+def _ct(a):
+  """``aᴴ``: the conjugate transpose (``aᵀ`` for real ``a``)."""
+  return jnp.conj(a).T
+
+
+def _abs4(x):
+  """``|x|⁴`` elementwise (``x**4`` for real ``x``)."""
+  return jnp.square(_abs2(x)) if jnp.iscomplexobj(x) else x**4
+
+
+def cast_factors(factors, dense, dtype):
+  """Factors cast to ``dtype`` (to its real part for diagonal factors, which are real)."""
+  real = jnp.finfo(dtype).dtype
+  return tuple(q.astype(dtype if d else real) for q, d in zip(factors, dense, strict=True))
+
+
 def apply_on_axis(factor, x, axis, dense):
   """``factor`` (dense ``(n, n)`` or diagonal ``(n,)``) applied along ``axis`` of ``x``."""
   if not dense:
@@ -57,32 +77,34 @@ def apply_on_axis(factor, x, axis, dense):
 
 
 def solve_transposed(factor, x, axis, dense):
-  """``Q_i⁻ᵀ`` applied along ``axis`` of ``x`` (a triangular solve for a dense factor)."""
+  """``Q_i⁻ᴴ`` applied along ``axis`` of ``x`` (a triangular solve for a dense factor)."""
   if not dense:
     return x / factor.reshape(_axis_shape(x.ndim, axis, factor.shape[0]))
   solve = jax.lax.linalg.triangular_solve
-  if axis == x.ndim - 1:  # x Q⁻¹: solve y Q = x on the right, no transposes
+  conj = jnp.iscomplexobj(factor)
+  if axis == x.ndim - 1:  # x conj(Q)⁻¹: solve y conj(Q) = x on the right, no transposes
     flat = x.reshape(-1, x.shape[-1])
-    return solve(factor, flat, left_side=False, lower=False).reshape(x.shape)
+    solved = solve(factor, flat, left_side=False, lower=False, conjugate_a=conj)
+    return solved.reshape(x.shape)
   moved = jnp.moveaxis(x, axis, 0)
   flat = moved.reshape(moved.shape[0], -1)
-  solved = solve(factor, flat, left_side=True, lower=False, transpose_a=True)
+  solved = solve(factor, flat, left_side=True, lower=False, transpose_a=True, conjugate_a=conj)
   return jnp.moveaxis(solved.reshape(moved.shape), 0, axis)
 
 
 def precondition(factors, x, dense):
-  """``P x`` with ``P = Qᵀ Q``: each factor applied as ``Q_iᵀ Q_i`` on its axis.
+  """``P x`` with ``P = Qᴴ Q``: each factor applied as ``Q_iᴴ Q_i`` on its axis.
 
-  A dense factor of size ``n`` is applied as ``Q_iᵀ (Q_i x)`` (``4 n · numel`` flops) when
-  ``n² > numel``, else through ``P_i = Q_iᵀ Q_i`` (``2 n³ + 2 n · numel`` flops).
+  A dense factor of size ``n`` is applied as ``Q_iᴴ (Q_i x)`` (``4 n · numel`` flops) when
+  ``n² > numel``, else through ``P_i = Q_iᴴ Q_i`` (``2 n³ + 2 n · numel`` flops).
   """
   for axis, (q, is_dense) in enumerate(zip(factors, dense, strict=True)):
     if not is_dense:
       x = apply_on_axis(q * q, x, axis, False)
     elif q.shape[0] ** 2 > x.size:
-      x = apply_on_axis(q.T, apply_on_axis(q, x, axis, True), axis, True)
+      x = apply_on_axis(_ct(q), apply_on_axis(q, x, axis, True), axis, True)
     else:
-      x = apply_on_axis(q.T @ q, x, axis, True)
+      x = apply_on_axis(_ct(q) @ q, x, axis, True)
   return x
 
 
@@ -90,7 +112,7 @@ def clip_by_rms(u, threshold):
   """``u / max(1, RMS(u) / threshold)``; ``u`` itself when ``threshold`` is None."""
   if threshold is None:
     return u
-  return u / jnp.maximum(1.0, jnp.sqrt(jnp.mean(u * u)) / threshold)
+  return u / jnp.maximum(1.0, jnp.sqrt(jnp.mean(_abs2(u))) / threshold)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -99,11 +121,11 @@ def clip_by_rms(u, threshold):
 
 
 def gram(x, axis, dense):
-  """``x`` contracted with itself over every axis but ``axis``: ``(n, n)``, or its diagonal."""
+  """``x xᴴ`` contracted over every axis but ``axis``: ``(n, n)``, or its (real) diagonal."""
   others = tuple(k for k in range(x.ndim) if k != axis)
   if dense:
-    return jax.lax.dot_general(x, x, ((others, others), ((), ())))
-  return jnp.sum(x * x, axis=others)
+    return jax.lax.dot_general(x, jnp.conj(x), ((others, others), ((), ())))
+  return jnp.sum(_abs2(x), axis=others)
 
 
 def unfold(x, axis):
@@ -113,12 +135,12 @@ def unfold(x, axis):
 
 
 def norm_lower_bound(a):
-  """A cheap lower bound of ``‖a‖₂`` for symmetric ``a`` (two power iterations)."""
+  """A cheap lower bound of ``‖a‖₂`` for Hermitian ``a`` (two power iterations)."""
   scale = jnp.max(jnp.abs(a))
   safe = jnp.where(scale > 0, scale, 1.0)
   a = a / safe
   tiny = jnp.finfo(a.dtype).tiny
-  x = jnp.take(a, jnp.argmax(jnp.sum(a * a, axis=1)), axis=0)
+  x = jnp.take(a, jnp.argmax(jnp.sum(_abs2(a), axis=1)), axis=0)
   for _ in range(2):
     x = x / (jnp.linalg.norm(x) + tiny)
     x = a @ x
@@ -127,17 +149,17 @@ def norm_lower_bound(a):
 
 
 def norm_lower_bound_gram(z):
-  """``norm_lower_bound(z zᵀ)`` without forming ``z zᵀ`` (for tall, thin ``z``)."""
+  """``norm_lower_bound(z zᴴ)`` without forming ``z zᴴ`` (for tall, thin ``z``)."""
   scale = jnp.max(jnp.abs(z))
   safe = jnp.where(scale > 0, scale, 1.0)
   z = z / safe
   tiny = jnp.finfo(z.dtype).tiny
-  x = jnp.take(z, jnp.argmax(jnp.sum(z * z, axis=0)), axis=1)
+  x = jnp.take(z, jnp.argmax(jnp.sum(_abs2(z), axis=0)), axis=1)
   for _ in range(2):
     x = x / (jnp.linalg.norm(x) + tiny)
-    x = z @ (z.T @ x)
+    x = z @ (_ct(z) @ x)
   x = x / (jnp.linalg.norm(x) + tiny)
-  return jnp.where(scale > 0, safe * safe * jnp.linalg.norm(z @ (z.T @ x)), 0.0)
+  return jnp.where(scale > 0, safe * safe * jnp.linalg.norm(z @ (_ct(z) @ x)), 0.0)
 
 
 def upper_matmul(a, b, min_block=512):
@@ -171,35 +193,36 @@ def _rotation_step(tr_rq, tr_rrq):
 
 
 def procrustes_rotation(q):
-  """Rotates ``q`` towards symmetric positive definite (online orthogonal Procrustes step).
+  """Rotates ``q`` towards Hermitian positive definite (online orthogonal Procrustes step).
 
-  ``q ← U q`` with ``U = exp(a R) ≈ I + aR + (aR)²/2``, ``R = qᵀ - q`` normalised to unit
-  Frobenius norm, and ``a ≤ 1/4`` from an exact line search of ``tr(U q)`` along the quadratic
-  model. ``U`` is orthogonal to fourth order, so ``P = qᵀ q`` is preserved.
+  ``q ← U q`` with ``U = exp(a R) ≈ I + aR + (aR)²/2``, ``R = qᴴ - q`` normalised to unit
+  Frobenius norm, and ``a ≤ 1/4`` from an exact line search of ``Re tr(U q)`` along the quadratic
+  model. ``U`` is unitary to fourth order, so ``P = qᴴ q`` is preserved.
   """
-  r = q.T - q
+  r = _ct(q) - q
   r = r / (jnp.linalg.norm(r) + jnp.finfo(q.dtype).tiny)
   rq = r @ q
   rrq = r @ rq
-  a = _rotation_step(jnp.trace(rq), jnp.trace(rrq))
+  a = _rotation_step(jnp.real(jnp.trace(rq)), jnp.real(jnp.trace(rrq)))
   return q + a * (rq + 0.5 * a * rrq)
 
 
 def procrustes_rotation_factored(q, left, right):
-  """:func:`procrustes_rotation` with the skew generator ``R = left @ rightᵀ`` kept factored.
+  """:func:`procrustes_rotation` with the skew generator ``R = left @ rightᴴ`` kept factored.
 
-  ``left`` and ``right`` are ``(n, m)`` with ``m < n``: ``R q = left (rightᵀ q)`` and
-  ``R² q = left ((rightᵀ left)(rightᵀ q))`` cost ``O(n² m)`` instead of ``O(n³)``.
+  ``left`` and ``right`` are ``(n, m)`` with ``m < n``: ``R q = left (rightᴴ q)`` and
+  ``R² q = left ((rightᴴ left)(rightᴴ q))`` cost ``O(n² m)`` instead of ``O(n³)``.
   """
   tiny = jnp.finfo(q.dtype).tiny
-  # ‖R‖_F² = Σ (leftᵀ left) ⊙ (rightᵀ right) suffers cancellation when R is small next to its
-  # factors: below 1e-3 of ‖left‖ ‖right‖ it is round-off, and no rotation is taken.
-  fro = jnp.sqrt(jnp.maximum(jnp.sum((left.T @ left) * (right.T @ right)), 0.0))
+  # ‖R‖_F² = Re Σ (leftᴴ left) ⊙ conj(rightᴴ right) suffers cancellation when R is small next to
+  # its factors: below 1e-3 of ‖left‖ ‖right‖ it is round-off, and no rotation is taken.
+  gram_product = jnp.real(jnp.sum((_ct(left) @ left) * jnp.conj(_ct(right) @ right)))
+  fro = jnp.sqrt(jnp.maximum(gram_product, 0.0))
   meaningful = fro > 1e-3 * jnp.linalg.norm(left) * jnp.linalg.norm(right)
   inv = jnp.where(meaningful, 1.0 / (fro + tiny), 0.0)
-  c = (right.T @ q) * inv  # R q = left c
-  mc = ((right.T @ left) * inv) @ c  # R² q = left mc
-  a = _rotation_step(jnp.sum(left * c.T), jnp.sum(left * mc.T))
+  c = (_ct(right) @ q) * inv  # R q = left c
+  mc = ((_ct(right) @ left) * inv) @ c  # R² q = left mc
+  a = _rotation_step(jnp.real(jnp.sum(left * c.T)), jnp.real(jnp.sum(left * mc.T)))
   return q + left @ (a * c + 0.5 * a * a * mc)
 
 
@@ -241,7 +264,7 @@ def triangular_step(q, lip, a, b, axis, lr, lipschitz_decay):
 
 
 def procrustes_step(q, lip, a, b, axis, lr, lipschitz_decay):
-  """``Q ← R(Q − (μ/L)(term1 − term2) Q)``, ``R`` a rotation keeping ``Q`` symmetric PD."""
+  """``Q ← R(Q − (μ/L)(term1 − term2) Q)``, ``R`` a rotation keeping ``Q`` Hermitian PD."""
   n = q.shape[0]
   term1 = gram(a, axis, True)
   if b is None:  # whitening with E[v vᵀ] = I integrated out: term2 = (numel / n) I
@@ -268,15 +291,15 @@ def procrustes_low_rank_step(q, lip, a, b, axis, lr, lipschitz_decay):
   term2_scalar = a.size / n if b is None else 0.0
   bound = norm_lower_bound_gram(z) + term2_scalar
   lip, step = _normalised_step(lip, bound, lr, lipschitz_decay, q.dtype)
-  # q ← q - step (Y Yᵀ q - V Vᵀ q): its new asymmetry qᵀ - q is (up to scale and the small
-  # residual left by earlier rotations) Y W_yᵀ - W_y Yᵀ - V W_vᵀ + W_v Vᵀ with W = qᵀ Y, qᵀ V.
-  w_y = q.T @ y
-  diff_q = y @ w_y.T - term2_scalar * q
+  # q ← q - step (Y Yᴴ q - V Vᴴ q): its new asymmetry qᴴ - q is (up to scale and the small
+  # residual left by earlier rotations) Y W_yᴴ - W_y Yᴴ - V W_vᴴ + W_v Vᴴ with W = qᴴ Y, qᴴ V.
+  w_y = _ct(q) @ y
+  diff_q = y @ _ct(w_y) - term2_scalar * q
   left, right = [y, w_y], [w_y, -y]
   if b is not None:
     v_unf = unfold(b, axis)
-    w_v = q.T @ v_unf
-    diff_q = diff_q - v_unf @ w_v.T
+    w_v = _ct(q) @ v_unf
+    diff_q = diff_q - v_unf @ _ct(w_v)
     left, right = [*left, v_unf, w_v], [*right, -w_v, v_unf]
   q = q - step * diff_q
   left, right = jnp.concatenate(left, axis=1), jnp.concatenate(right, axis=1)
@@ -285,7 +308,7 @@ def procrustes_low_rank_step(q, lip, a, b, axis, lr, lipschitz_decay):
   q = procrustes_rotation_factored(q, left, right)
   # The factored generator leaves earlier residual asymmetry alone; a full rotation removes it
   # once it exceeds ASYMMETRY_TOLERANCE (relative Frobenius norm).
-  asymmetry = jnp.linalg.norm(q.T - q) / (jnp.linalg.norm(q) + jnp.finfo(q.dtype).tiny)
+  asymmetry = jnp.linalg.norm(_ct(q) - q) / (jnp.linalg.norm(q) + jnp.finfo(q.dtype).tiny)
   q = jax.lax.cond(asymmetry > ASYMMETRY_TOLERANCE, procrustes_rotation, lambda x: x, q)
   return q, lip
 
@@ -316,9 +339,9 @@ def balance(factors):
 
 
 def initial_scale(h, v):
-  """Scale of ``Q`` from the first fitting pair: ``(mean h⁴ / mean v⁴)^(-1/8)``, 1 if undefined."""
-  h4 = jnp.mean(h**4)
-  v4 = 1.0 if v is None else jnp.mean(v**4)
+  """Scale of ``Q`` from the first pair: ``(mean |h|⁴ / mean |v|⁴)^(-1/8)``, 1 if undefined."""
+  h4 = jnp.mean(_abs4(h))
+  v4 = 1.0 if v is None else jnp.mean(_abs4(v))
   ok = (h4 > 0) & jnp.isfinite(h4) & (v4 > 0)
   ratio = jnp.where(ok, h4 / jnp.where(ok, v4, 1.0), 1.0)
   scale = ratio ** (-1.0 / 8.0)
@@ -328,7 +351,7 @@ def initial_scale(h, v):
 def fitting_pair(factors, h, v, noise, dense, options):
   """``(A, B)`` of the fitting step; ``B`` None when ``E[v vᵀ] = I`` is integrated out.
 
-  ``h`` is damped to ``h + (damping + ε|h|) noise``. Triangular: ``A = Q h``, ``B = Q⁻ᵀ v``
+  ``h`` is damped to ``h + (damping + ε|h|) noise``. Triangular: ``A = Q h``, ``B = Q⁻ᴴ v``
   (whitening: ``v`` is the damping noise itself, independent of ``h``); procrustes: ``A = P h``,
   ``B = v``.
   """

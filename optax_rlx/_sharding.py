@@ -7,7 +7,7 @@ import optax
 from jax.sharding import NamedSharding, PartitionSpec
 
 from optax_rlx import _common
-from optax_rlx._kron import KronState
+from optax_rlx._kron_state import KronState
 
 _OWNER = "state_sharding"
 

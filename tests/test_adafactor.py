@@ -24,7 +24,8 @@ class PaperAdafactor:
   """
 
   def __init__(self, params, axes, eps1=1e-30, eps2=1e-3, d=1.0, decay=0.8, lr=None):
-    self.p = {k: np.asarray(v, np.float64) for k, v in params.items()}
+    self.p = {k: np.asarray(v, np.complex128 if np.iscomplexobj(v) else np.float64)
+              for k, v in params.items()}
     self.axes, self.eps1, self.eps2, self.d, self.decay, self.lr = axes, eps1, eps2, d, decay, lr
     self.t = 0
     self.R, self.C, self.V = {}, {}, {}
@@ -42,8 +43,8 @@ class PaperAdafactor:
     beta = 1.0 - t ** (-self.decay)
     rho = min(1e-2, 1.0 / np.sqrt(t)) if self.lr is None else self.lr
     for k, x in self.p.items():
-      g = np.asarray(grads[k], np.float64)
-      g2 = g * g + self.eps1
+      g = np.asarray(grads[k], np.complex128 if np.iscomplexobj(grads[k]) else np.float64)
+      g2 = np.abs(g) ** 2 + self.eps1
       if self.axes[k] is None:
         self.V[k] = beta * self.V[k] + (1 - beta) * g2
         v_hat = self.V[k]
@@ -59,8 +60,8 @@ class PaperAdafactor:
             / np.expand_dims(total, c)
         )
       u = g / np.sqrt(v_hat)
-      u = u / max(1.0, np.sqrt(np.mean(u * u)) / self.d)
-      alpha = max(self.eps2, np.sqrt(np.mean(x * x))) * rho
+      u = u / max(1.0, np.sqrt(np.mean(np.abs(u) ** 2)) / self.d)
+      alpha = max(self.eps2, np.sqrt(np.mean(np.abs(x) ** 2))) * rho
       self.p[k] = x - alpha * u
     return self.p
 
@@ -78,7 +79,8 @@ class TorchAdafactorRule:
 
   def __init__(self, params, lr=1e-2, weight_decay=0.0, eps1=FLOAT32_EPS,
                eps2=1e-3, d=1.0, beta2_decay=-0.8):
-    self.p = {k: np.asarray(v, np.float64) for k, v in params.items()}
+    self.p = {k: np.asarray(v, np.complex128 if np.iscomplexobj(v) else np.float64)
+              for k, v in params.items()}
     self.lr, self.wd, self.eps1, self.eps2, self.d = lr, weight_decay, eps1, eps2, d
     self.beta2_decay = beta2_decay
     self.t = 0
@@ -158,6 +160,59 @@ def _largest_two(shape):
     return None
   order = np.argsort(shape, kind="stable")
   return int(order[-2]), int(order[-1])
+
+
+def _complex(rng, real_tree):
+  """A complex tree of the same shapes: the real parts given, new imaginary parts like them."""
+  return {
+      k: (v + 1j * rng.standard_normal(np.shape(v)) * np.abs(v).mean()).astype(np.complex64)
+      for k, v in real_tree.items()
+  }
+
+
+@pytest.mark.parametrize("learning_rate", [None, 3e-2])
+@pytest.mark.parametrize("b1", [None, 0.9])
+def test_complex_gradients_match_float64_reference(rng, learning_rate, b1):
+  """Statistics of |g|² (real, float32), complex updates in the gradient's dtype (25 steps)."""
+  params = _complex(rng, _params(rng, PAPER_SHAPES))
+  grads = [_complex(rng, g) for g in _grad_sequence(rng, PAPER_SHAPES, steps=25)]
+  axes = {k: _largest_two(s) for k, s in PAPER_SHAPES.items()}
+  ref = PaperAdafactor(params, axes, lr=learning_rate)
+  for g in grads:
+    expected = ref.step(g)
+  if b1 is not None:  # momentum averages the final scaled step (no bias correction)
+    ref_m, ref = PaperAdafactor(params, axes, lr=learning_rate), None
+    mu = {k: np.zeros_like(v, np.complex128) for k, v in params.items()}
+    p = {k: np.asarray(v, np.complex128) for k, v in params.items()}
+    for g in grads:
+      stepped = ref_m.step(g)
+      for k in p:
+        mu[k] = (1 - b1) * (p[k] - stepped[k]) + b1 * mu[k]
+        p[k] = p[k] - mu[k]
+        ref_m.p[k] = p[k].copy()
+    expected = p
+  tx = optax_rlx.adafactor(learning_rate, min_dim_size_to_factor=1, b1=b1)
+  got, state = _run(tx, params, grads)
+  for k in PAPER_SHAPES:
+    assert got[k].dtype == np.complex64, k
+    atol = 1e-6 * max(1.0, np.abs(params[k]).max())
+    assert np.abs(expected[k] - params[k]).max() > 100 * atol, k
+    np.testing.assert_allclose(got[k], expected[k], rtol=0, atol=atol, err_msg=k)
+  for leaf in jax.tree.leaves(state[0])[1:]:
+    assert leaf.dtype == np.float32
+  if b1 is not None:
+    assert all(m.dtype == np.complex64 for m in jax.tree.leaves(state[1].mu))
+
+
+def test_complex_momentum_dtype_is_the_complex_counterpart_of_mu_dtype():
+  params = {"w": jnp.zeros((4, 3), jnp.complex64)}
+  state = optax_rlx.adafactor(1e-2, b1=0.9, mu_dtype="bfloat16").init(params)
+  assert state[1].mu["w"].dtype == jnp.complex64  # no complex bfloat16: the nearest, complex64
+  with jax.enable_x64(True):
+    params = {"w": jnp.zeros((4, 3), jnp.complex128)}
+    state = optax_rlx.adafactor(1e-2, b1=0.9, mu_dtype=jnp.float64).init(params)
+    assert state[1].mu["w"].dtype == jnp.complex128
+    assert state[0].v["w"].dtype == jnp.float64
 
 
 @pytest.mark.parametrize("learning_rate", [None, 3e-2])

@@ -117,12 +117,38 @@ def test_converges(entry, problem):
   assert final < tol, (problem, final, float(loss(params)))
 
 
+@pytest.mark.parametrize("entry", OPTIMIZERS)
+def test_converges_on_a_complex_parabola(entry):
+  """Complex params, optax's convention: the update is computed from conj(jax.grad(loss))."""
+  w_target = (jnp.arange(12.0).reshape(3, 4) / 6.0 - 1.0) * (1.0 - 0.5j)
+  b_target = jnp.array([0.3 + 0.1j, -0.3j, 1.0, 0.2 - 0.2j])
+
+  def loss(p):
+    return jnp.sum(jnp.abs(p["w"] - w_target) ** 2) + jnp.sum(jnp.abs(p["b"] - b_target) ** 2)
+
+  params = {"w": jnp.zeros((3, 4), jnp.complex64), "b": jnp.zeros(4, jnp.complex64)}
+  tx = entry.make(optax.cosine_decay_schedule(entry.lr, STEPS))
+  state = tx.init(params)
+
+  def body(carry, _):
+    p, s = carry
+    u, s = tx.update(jax.tree.map(jnp.conj, jax.grad(loss)(p)), s, p)
+    return (optax.apply_updates(p, u), s), None
+
+  run = jax.jit(lambda c: jax.lax.scan(body, c, None, length=STEPS))
+  (final, _), _ = run((params, state))
+  assert float(loss(final)) < 1e-4, float(loss(final))
+
+
 def _tree(dtype=jnp.float32):
-  return {
-      "w": jnp.linspace(-1.0, 1.0, 12, dtype=dtype).reshape(3, 4),
-      "b": jnp.linspace(0.5, 1.0, 4, dtype=dtype),
-      "s": jnp.asarray(0.25, dtype),
+  tree = {
+      "w": jnp.linspace(-1.0, 1.0, 12).reshape(3, 4),
+      "b": jnp.linspace(0.5, 1.0, 4),
+      "s": jnp.asarray(0.25),
   }
+  if jnp.issubdtype(dtype, jnp.complexfloating):  # a genuinely complex point
+    tree = {k: v * (1.0 + 0.5j) - 0.25j * jnp.cos(3 * v) for k, v in tree.items()}
+  return {k: v.astype(dtype) for k, v in tree.items()}
 
 
 def _grads(params, step=0):
@@ -237,6 +263,31 @@ def test_inject_hyperparams_matches_plain(entry):
 
 
 @pytest.mark.parametrize("entry", OPTIMIZERS)
+def test_inject_hyperparams_inner_state_equals_plain_state(entry):
+  """Swapping an alias for its injected form keeps the checkpoint layout (and the numbers)."""
+  injected = optax.inject_hyperparams(entry.factory, static_args=entry.static_args)(
+      learning_rate=0.1, **entry.kwargs
+  )
+  _, inner, _ = _run(injected, _tree(), steps=4)
+  _, plain, _ = _run(entry.make(0.1), _tree(), steps=4)
+  assert jax.tree.structure(inner.inner_state) == jax.tree.structure(plain)
+  _assert_trees_equal(inner.inner_state, plain, exact=False)
+
+
+@pytest.mark.parametrize("factory", [optax_rlx.kron, optax_rlx.adafactor])
+@pytest.mark.parametrize("values", [{"b1": 0.0}, {"b1": 0.5}, {"weight_decay": 0.0},
+                                    {"weight_decay": 1e-3}, {"b1": 0.0, "weight_decay": 0.0}])
+def test_state_structure_does_not_depend_on_hyperparameter_values(factory, values):
+  params = _tree()
+  plain = jax.eval_shape(factory(0.1, **values).init, params)
+  injected = jax.eval_shape(optax.inject_hyperparams(factory)(0.1, **values).init, params)
+  assert jax.tree.structure(injected.inner_state) == jax.tree.structure(plain)
+  base = jax.eval_shape(factory(0.1, **{k: 0.3 if k == "b1" else 2e-3 for k in values}).init,
+                        params)
+  assert jax.tree.structure(base) == jax.tree.structure(plain)
+
+
+@pytest.mark.parametrize("entry", OPTIMIZERS)
 def test_tree_map_params(entry):
   tx = entry.make(0.1)
   params = _tree()
@@ -276,10 +327,12 @@ def test_empty_leaves_are_carried_along(entry):
   assert jax.tree.structure(new_state) == jax.tree.structure(state)
 
 
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16", "float64"])
+@pytest.mark.parametrize(
+    "dtype", ["float32", "bfloat16", "float16", "float64", "complex64", "complex128"]
+)
 @pytest.mark.parametrize("entry", OPTIMIZERS)
 def test_updates_and_state_keep_dtypes(entry, dtype):
-  with jax.enable_x64(dtype == "float64"):
+  with jax.enable_x64(dtype in ("float64", "complex128")):
     dtype = jnp.dtype(dtype)
     tx = entry.make(0.1)
     params = _tree(dtype)

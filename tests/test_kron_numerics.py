@@ -73,3 +73,75 @@ def test_factored_procrustes_rotation_equals_the_full_one(rng):
   unchanged = _kron_numerics.procrustes_rotation_factored(q, jnp.concatenate([y, y], 1),
                                                   jnp.concatenate([y, -y], 1))
   np.testing.assert_array_equal(np.asarray(unchanged), np.asarray(q))
+
+
+# ---------------------------------------------------------------------------------------------
+# Complex fitting units: conjugate transposes wherever the real code transposes.
+# ---------------------------------------------------------------------------------------------
+
+
+def _complex(rng, shape):
+  return (rng.standard_normal(shape) + 1j * rng.standard_normal(shape)).astype(np.complex64)
+
+
+@pytest.mark.parametrize("shape", [(3, 40), (40, 3), (4, 5, 6)])
+def test_complex_precondition_matches_explicit_q_hermitian_q(rng, shape):
+  dense = tuple(d > 1 for d in shape)
+  factors = tuple(
+      jnp.asarray(np.triu(_complex(rng, (d, d))) + 3 * np.eye(d), jnp.complex64) for d in shape
+  )
+  x = _complex(rng, shape)
+  q_full = np.ones((1, 1))
+  for f in factors:
+    q_full = np.kron(q_full, np.asarray(f, np.complex128))
+  expected = (q_full.conj().T @ q_full @ x.astype(np.complex128).ravel()).reshape(shape)
+  got = np.asarray(_kron_numerics.precondition(factors, jnp.asarray(x), dense))
+  np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max())
+
+
+@pytest.mark.parametrize("axis", [0, 1, 2])
+def test_complex_solve_applies_the_inverse_conjugate_transpose(rng, axis):
+  shape = (4, 5, 6)
+  d = shape[axis]
+  q = np.triu(_complex(rng, (d, d))) + 3 * np.eye(d)
+  x = _complex(rng, shape)
+  got = np.asarray(_kron_numerics.solve_transposed(jnp.asarray(q, jnp.complex64),
+                                                   jnp.asarray(x), axis, True))
+  back = np.moveaxis(np.tensordot(q.conj().T, got, axes=(1, axis)), 0, axis)  # Qᴴ (Q⁻ᴴ x) = x
+  np.testing.assert_allclose(back, x, rtol=1e-4, atol=1e-4)
+
+
+def test_complex_gram_terms_are_hermitian_with_real_diagonals(rng):
+  x = jnp.asarray(_complex(rng, (4, 7)))
+  full = np.asarray(_kron_numerics.gram(x, 0, True))
+  np.testing.assert_allclose(full, np.asarray(x) @ np.asarray(x).conj().T, rtol=1e-5, atol=1e-5)
+  diagonal = _kron_numerics.gram(x, 0, False)
+  assert diagonal.dtype == jnp.float32
+  np.testing.assert_allclose(diagonal, np.real(np.diag(full)), rtol=1e-5)
+  bound = float(_kron_numerics.norm_lower_bound(jnp.asarray(full)))
+  assert 0.7 * np.linalg.norm(full, 2) <= bound <= np.linalg.norm(full, 2) * (1 + 1e-5)
+
+
+def test_complex_procrustes_rotations_keep_p_and_hermitise(rng):
+  n, k = 40, 4
+  s = _complex(rng, (n, n)).astype(np.complex128)
+  q = jnp.asarray(s @ s.conj().T / n + np.eye(n), jnp.complex64)
+  y = jnp.asarray(_complex(rng, (n, k)))
+  w = q.conj().T @ y
+  stepped = q - 0.01 * (y @ w.conj().T)
+  left, right = jnp.concatenate([y, w], 1), jnp.concatenate([w, -y], 1)
+  full = np.asarray(_kron_numerics.procrustes_rotation(stepped), np.complex128)
+  factored = np.asarray(_kron_numerics.procrustes_rotation_factored(stepped, left, right))
+  stepped = np.asarray(stepped, np.complex128)
+  herm = lambda m: np.linalg.norm(m - m.conj().T) / np.linalg.norm(m)  # noqa: E731
+  assert herm(full) < 0.8 * herm(stepped)
+  np.testing.assert_allclose(factored, full, rtol=1e-5, atol=1e-5)
+  rotated = jnp.asarray(stepped, jnp.complex64)  # repeated rotations: Hermitian, same P
+  for _ in range(30):
+    rotated = _kron_numerics.procrustes_rotation(rotated)
+  rotated = np.asarray(rotated, np.complex128)
+  assert herm(rotated) < 1e-3 < herm(stepped)
+  assert np.linalg.eigvalsh((rotated + rotated.conj().T) / 2).min() > 0
+  p_before = stepped.conj().T @ stepped
+  np.testing.assert_allclose(rotated.conj().T @ rotated, p_before, rtol=0,
+                             atol=1e-3 * np.abs(p_before).max())

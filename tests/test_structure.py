@@ -20,9 +20,9 @@ def _code_lines(node: ast.AST, source_lines: list[str]) -> int:
   """Lines of code of a function: no docstring, no blank or comment-only lines."""
   skip = set()
   body = node.body
-  if body and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant):
-    if isinstance(body[0].value.value, str):
-      skip.update(range(body[0].lineno, body[0].end_lineno + 1))
+  first = body[0] if body else None
+  if isinstance(first, ast.Expr) and isinstance(getattr(first.value, "value", None), str):
+    skip.update(range(first.lineno, first.end_lineno + 1))
   count = 0
   for lineno in range(node.lineno, node.end_lineno + 1):
     text = source_lines[lineno - 1].strip()
@@ -60,7 +60,10 @@ def test_no_function_over_120_lines_of_code():
 
 
 def test_the_measure_counts_nested_closures_and_skips_docstrings():
-  source = 'def f():\n  """Doc.\n\n  More.\n  """\n  # note\n  def g():\n    return 1\n\n  return g\n'
+  source = (
+      'def f():\n  """Doc.\n\n  More.\n  """\n  # note\n  def g():\n    return 1\n\n'
+      "  return g\n"
+  )
   (f, g) = list(_functions(ast.parse(source)))
   assert _code_lines(f, source.splitlines()) == 4  # def f, def g, return 1, return g
   assert _code_lines(g, source.splitlines()) == 2
