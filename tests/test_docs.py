@@ -1,0 +1,29 @@
+"""The documentation covers the public API: every name in ``optax_rlx.__all__`` has an entry."""
+
+import pathlib
+import re
+
+import pytest
+
+import optax_rlx
+
+DOCS = pathlib.Path(__file__).resolve().parent.parent / "docs"
+
+
+def test_every_public_name_has_an_api_entry():
+  api = (DOCS / "api.rst").read_text()
+  entries = set(re.findall(r"^\.\. auto(?:function|class):: (\w+)", api, flags=re.M))
+  assert entries == set(optax_rlx.__all__)
+
+
+@pytest.mark.parametrize("name", optax_rlx.__all__)
+def test_every_public_name_has_a_docstring_with_a_summary(name):
+  doc = getattr(optax_rlx, name).__doc__
+  assert doc and doc.strip().splitlines()[0].endswith(".")
+
+
+def test_every_page_is_in_a_toctree():
+  index = (DOCS / "index.md").read_text()
+  pages = [p.relative_to(DOCS).with_suffix("").as_posix()
+           for p in DOCS.rglob("*.md") if p.name != "index.md" and "_build" not in p.parts]
+  assert pages and all(page in index for page in pages), pages
