@@ -89,15 +89,26 @@ def run(name):
 
 
 def fingerprint():
-  """What decides XLA's CPU code: versions, architecture and the processor model."""
-  cpu = platform.processor()
+  """What decides XLA's CPU code: versions, architecture, processor model and vector units."""
+  cpu, flags = platform.processor(), ""
   try:
     with open("/proc/cpuinfo") as f:
-      cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")),
-                 cpu)
+      lines = f.read().splitlines()
+    cpu = next((ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("model name")), cpu)
+    found = next((ln.split(":", 1)[1].split() for ln in lines if ln.startswith("flags")), [])
+    flags = " ".join(sorted(f for f in found if f.startswith(("avx", "fma", "amx"))))
   except OSError:
     pass
-  return f"jax {jax.__version__}; jaxlib {jax.lib.__version__}; {platform.machine()}; {cpu}"
+  return (f"jax {jax.__version__}; jaxlib {jax.lib.__version__}; {platform.machine()}; {cpu}; "
+          f"{flags}")
+
+
+def refresh_fingerprint():
+  """Rewrites only the record's fingerprint (the arrays stay byte for byte as recorded)."""
+  with np.load(DATA) as data:
+    arrays = {k: data[k] for k in data.files}
+  arrays["__fingerprint__"] = np.asarray(fingerprint())
+  np.savez_compressed(DATA, **arrays)
 
 
 def record():
