@@ -361,7 +361,6 @@ def resolve_mask(mask: Any, params: Any) -> Any:
   )
 
 
-
 def decoupled_weight_decay(weight_decay: Any, mask: Any) -> optax.GradientTransformation:
   """``optax.add_decayed_weights(weight_decay, mask)`` with the same state at every value.
 

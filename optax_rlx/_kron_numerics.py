@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from optax_rlx._common import abs2 as _abs2
+from optax_rlx._common import real_dtype
 
 PROCRUSTES_MAX_STEP = 0.25
 ASYMMETRY_TOLERANCE = 1e-3
@@ -61,7 +62,7 @@ def _abs4(x):
 
 def cast_factors(factors, dense, dtype):
   """Factors cast to ``dtype`` (to its real part for diagonal factors, which are real)."""
-  real = jnp.finfo(dtype).dtype
+  real = real_dtype(dtype)
   return tuple(q.astype(dtype if d else real) for q, d in zip(factors, dense, strict=True))
 
 
