@@ -76,8 +76,13 @@ def scale_by_kron(
   * ``criterion='newton'``: :math:`v \sim N(0, I)` and :math:`h = H v`, a Hessian-vector product
     of ``obj_fn`` (passed to ``update``); the fixed point is :math:`P = |H|^{-1}`.
 
-  :math:`h` is damped to :math:`h + (\texttt{damping} + \epsilon |h|)\,n`, :math:`n \sim N(0, I)`,
-  so :math:`P \preceq I/\texttt{damping}` and zero gradients cannot produce 0/0. With
+  :math:`h` is damped to :math:`h + (\texttt{damping}\cdot\mathrm{RMS}(h) + \epsilon |h|)\,n`,
+  :math:`n \sim N(0, I)` (``damping`` alone where :math:`h = 0`), so
+  :math:`P \preceq I/(\texttt{damping}\cdot\mathrm{RMS}(h))` and zero gradients cannot produce
+  0/0. The damping is relative, and every scale-dependent quantity (initial scale, Gram terms,
+  Lipschitz estimates, RMS clip) is computed on tensors divided by exact powers of two, so the
+  whole step is scale-free in float32: gradients scaled by :math:`10^{-30} \dots 10^{30}` give
+  the same update direction and finite state (tested). With
   :math:`A = Q h`, :math:`B = Q^{-\top} v` and :math:`\mathrm{term}_{1,i}, \mathrm{term}_{2,i}`
   their Gram matrices along axis :math:`i` (all other axes contracted), each factor takes a step
   of size :math:`\mu / L_i` (``precond_lr`` :math:`\mu`), where
@@ -97,8 +102,9 @@ def scale_by_kron(
 
   After each fit the factors are rebalanced to equal max-abs. Which factors are dense: an axis
   gets a diagonal factor when its size is 1, above ``max_size_dense``, when the tensor has fewer
-  than ``min_ndim_dense`` axes, when ``size² > max_skew_dense · numel`` (e.g. the vocabulary axis
-  of an embedding, or the wide axis of any non-square matrix at the default 1.0), or by
+  than ``min_ndim_dense`` axes, when ``size² > max_skew_dense · numel`` (at the default 2.0: the
+  long axis of a matrix more than twice as long as it is wide, e.g. a vocabulary or a 4x MLP
+  axis; matrices up to 2:1 are dense on both sides), or by
   ``memory_save_mode``. Vectors get a diagonal ``Q`` and scalars a scalar one.
 
   Complex parameters (complex64, complex128) follow optax's convention: pass the conjugate of
@@ -124,14 +130,15 @@ def scale_by_kron(
     precond_update_prob: probability of refitting :math:`Q` per step, float in (0, 1] or a
       schedule; None means :func:`precond_update_prob_schedule` (1 for 500 steps, then → 0.03).
     precond_init_scale: initial :math:`Q = s I`; None sets :math:`s` from the first fitting pair
-      (``(mean h⁴ / mean v⁴)^(-1/8)`` per leaf, 1 for zero or non-finite gradients).
+      (``(mean h⁴ / mean v⁴)^(-1/8)`` per leaf, computed without overflow for any finite
+      gradient; 1 for zero or non-finite gradients).
     criterion: ``'whitening'`` or ``'newton'``.
     geometry: ``'procrustes'`` (default) or ``'triangular'``.
     precond_fit_on: whitening target: ``'momentum'`` (:math:`\hat m_t`) or ``'gradient'``.
     max_size_dense: largest axis with a dense factor; None means 8192.
     min_ndim_dense: tensors with fewer axes get only diagonal factors; None means 2.
-    max_skew_dense: an axis is diagonal when ``size² > max_skew_dense · numel``; None means 1.0.
-      Pass ``float('inf')`` to disable.
+    max_skew_dense: an axis is diagonal when ``size² > max_skew_dense · numel``; None means 2.0
+      (a dense factor holds at most twice the leaf's entries). Pass ``float('inf')`` to disable.
     memory_save_mode: None, ``'one_diag'`` (largest axis diagonal) or ``'all_diag'``.
     block_size: None (default) keeps every axis whole. An int partitions each axis longer than
       ``block_size`` into the fewest equal blocks no longer than it (``d / n`` for the smallest
@@ -140,7 +147,10 @@ def scale_by_kron(
       vmapped batch with the layers of a stacked leaf), so memory and time per leaf are bounded
       by the block size. The rules above then apply to the block's shape. An axis whose length
       has no divisor near ``d / block_size`` (a prime) falls back to small blocks.
-    damping: the constant damping of the fitting target (>= 0).
+    damping: damping of the fitting target relative to its RMS (>= 0; absolute where the target
+      is all zero). It caps the dynamic range of :math:`P` at ``1 / damping`` times the
+      target's scale; the default 1e-9 lies below float32 round-off, leaving the fixed points
+      exact (1e-3 already moves Newton's cosine to ``H⁻¹ g`` from 1.0000 to 0.998).
     lipschitz_decay: :math:`\beta_L` in [0, 1).
     update_clip: largest RMS of a preconditioned update per tensor (per layer when stacked, per
       block with ``block_size``); None disables the clip.

@@ -18,7 +18,7 @@ GEOMETRIES = ("triangular", "procrustes")
 FIT_ON = ("momentum", "gradient")
 DEFAULT_MAX_SIZE_DENSE = 8192
 DEFAULT_MIN_NDIM_DENSE = 2
-DEFAULT_MAX_SKEW_DENSE = 1.0
+DEFAULT_MAX_SKEW_DENSE = 2.0
 
 
 def precond_update_prob_schedule(

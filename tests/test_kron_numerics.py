@@ -145,3 +145,50 @@ def test_complex_procrustes_rotations_keep_p_and_hermitise(rng):
   p_before = stepped.conj().T @ stepped
   np.testing.assert_allclose(rotated.conj().T @ rotated, p_before, rtol=0,
                              atol=1e-3 * np.abs(p_before).max())
+
+
+# ---------------------------------------------------------------------------------------------
+# Scale-free arithmetic: exact power-of-two rescaling over the whole float32 range.
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("scale", [1e-37, 1e-30, 1e-3, 1.0, 7.0, 1e30, 3e38])  # normal floats
+def test_pow2_exponent_brackets_the_largest_entry(scale):
+  x = jnp.asarray([0.5, -1.0, 0.25], jnp.float32) * jnp.float32(scale)
+  e = int(_kron_numerics.pow2_exponent(x))
+  m = float(jnp.max(jnp.abs(x)))
+  assert m < 2.0**e <= 2 * m
+
+
+def test_pow2_exponent_is_zero_for_zero_and_non_finite_input():
+  for x in [jnp.zeros(3), jnp.asarray([1.0, jnp.inf]), jnp.asarray([jnp.nan])]:
+    assert int(_kron_numerics.pow2_exponent(x)) == 0
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.complex64])
+@pytest.mark.parametrize("scale", [1e-30, 1.0, 1e30])
+def test_rms_neither_overflows_nor_underflows(rng, dtype, scale):
+  x = rng.standard_normal(50) + (1j * rng.standard_normal(50) if dtype == jnp.complex64 else 0)
+  expected = np.sqrt(np.mean(np.abs(x) ** 2)) * scale
+  got = float(_kron_numerics.rms(jnp.asarray(x * scale, dtype)))
+  np.testing.assert_allclose(got, expected, rtol=1e-5)
+
+
+@pytest.mark.parametrize("k", [-30, -10, 0, 10, 30])
+def test_initial_scale_follows_the_gradient_scale_exactly(rng, k):
+  """``(mean h⁴)^(-1/8)`` scales as ``10^(-k/2)``: the old formula overflowed h⁴ beyond 1e9."""
+  h = rng.standard_normal((6, 4)).astype(np.float32)
+  reference = float(np.mean(h.astype(np.float64) ** 4) ** (-1 / 8))
+  got = float(_kron_numerics.initial_scale(jnp.asarray(h) * jnp.float32(10.0**k), None))
+  np.testing.assert_allclose(got, reference * 10.0 ** (-k / 2), rtol=1e-5)
+
+
+def test_lipschitz_estimate_heals_after_overflow():
+  """An estimate stored at the float32 maximum still gives finite, useful steps later."""
+  big = jnp.finfo(jnp.float32).max
+  lip, step = _kron_numerics._normalised_step(big, jnp.float32(2.0), 0.1, 0.9, jnp.float32, 64)
+  assert np.isfinite(float(lip)) and float(step) > 0
+  lip, step = _kron_numerics._normalised_step(jnp.float32(4.0), jnp.float32(2.0), 0.1, 0.9,
+                                              jnp.float32, 0)
+  np.testing.assert_allclose(float(lip), 3.8, rtol=1e-6)  # 0.9 · 4 + 0.1 · 2 = 3.8 >= 2
+  np.testing.assert_allclose(float(step), 0.1 / 3.8, rtol=1e-6)
