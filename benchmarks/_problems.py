@@ -32,6 +32,16 @@ class Problem:
   quick_steps: int
   lrs: tuple[float, ...]
   warmup: int = 0
+  # Evaluate the metric every ``eval_every`` steps inside the loop (0: only at the end); the
+  # curve is reported against steps and wall-clock.
+  eval_every: int = 0
+  # Pick the best lr by the lowest final metric (e.g. validation loss) instead of the training
+  # loss; ``target`` is then a level of the metric.
+  select_by_metric: bool = False
+  # Run only these optimizers on this problem (None: all of the run's optimizers).
+  optimizers: tuple[str, ...] | None = None
+  seeds: int | None = None  # seeds per lr in full mode (None: the run's default)
+  quick_lrs: tuple[float, ...] | None = None  # the lr grid in quick mode (None: ``lrs``)
 
 
 def _rotated(rng, n, cond):
@@ -334,4 +344,116 @@ def delayed_xor() -> Problem:
   )
 
 
-ALL = (least_squares, rosenbrock, rosenbrock_batched, digits_mlp, transformer_sort, delayed_xor)
+# -------------------------------------------------------------------------------------------
+# Byte-level language model on real text: the running Python's standard library (no download).
+# -------------------------------------------------------------------------------------------
+
+_LM_D, _LM_HEADS, _LM_LAYERS, _LM_SEQ, _LM_BATCH = 64, 4, 2, 64, 16
+_LM_TRAIN_BYTES, _LM_VALID_BYTES, _LM_VALID_WINDOWS = 4_000_000, 400_000, 64
+
+
+def stdlib_text(train_bytes=_LM_TRAIN_BYTES, valid_bytes=_LM_VALID_BYTES):
+  """``(train, valid)`` uint8 arrays: the stdlib's ``.py`` files, sorted by path, every tenth
+  file held out for validation (split by file, not by position), each capped in size."""
+  import pathlib
+  import sysconfig
+
+  root = pathlib.Path(sysconfig.get_paths()["stdlib"])
+  files = sorted(p for p in root.rglob("*.py") if "site-packages" not in p.parts)
+  train, valid, n_train, n_valid = [], [], 0, 0
+  for i, path in enumerate(files):
+    if n_train >= train_bytes and n_valid >= valid_bytes:
+      break
+    data = path.read_bytes()
+    if i % 10 == 0 and n_valid < valid_bytes:
+      valid.append(data)
+      n_valid += len(data)
+    elif i % 10 != 0 and n_train < train_bytes:
+      train.append(data)
+      n_train += len(data)
+  as_array = lambda chunks, cap: np.frombuffer(b"".join(chunks)[:cap], np.uint8)  # noqa: E731
+  return as_array(train, train_bytes), as_array(valid, valid_bytes)
+
+
+def _lm_init(key):
+  keys = iter(jax.random.split(key, 32))
+
+  def dense(n_in, n_out):
+    return jax.random.normal(next(keys), (n_in, n_out)) / math.sqrt(n_in)
+
+  params = {
+      "embed": 0.1 * jax.random.normal(next(keys), (256, _LM_D)),
+      "pos": 0.1 * jax.random.normal(next(keys), (_LM_SEQ, _LM_D)),
+      "ln_f": jnp.ones(_LM_D),
+      "head": dense(_LM_D, 256) * 0.1,
+  }
+  for i in range(_LM_LAYERS):
+    params[f"block{i}"] = {
+        "ln1": jnp.ones(_LM_D), "ln2": jnp.ones(_LM_D),
+        "qkv": dense(_LM_D, 3 * _LM_D), "proj": dense(_LM_D, _LM_D) / math.sqrt(2 * _LM_LAYERS),
+        "fc": dense(_LM_D, 4 * _LM_D), "fc_b": jnp.zeros(4 * _LM_D),
+        "out": dense(4 * _LM_D, _LM_D) / math.sqrt(2 * _LM_LAYERS),
+    }
+  return params
+
+
+def _lm_logits(params, tokens):
+  b, t = tokens.shape
+  h = params["embed"][tokens] + params["pos"][:t]
+  mask = jnp.tril(jnp.ones((t, t), bool))
+  dh = _LM_D // _LM_HEADS
+  for i in range(_LM_LAYERS):
+    p = params[f"block{i}"]
+    qkv = (_rms_norm(h, p["ln1"]) @ p["qkv"]).reshape(b, t, 3, _LM_HEADS, dh)
+    q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+    att = jnp.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(dh)
+    att = jax.nn.softmax(jnp.where(mask, att, -1e9), axis=-1)
+    h = h + jnp.einsum("bhqk,bkhd->bqhd", att, v).reshape(b, t, _LM_D) @ p["proj"]
+    h = h + jax.nn.gelu(_rms_norm(h, p["ln2"]) @ p["fc"] + p["fc_b"]) @ p["out"]
+  return _rms_norm(h, params["ln_f"]) @ params["head"]
+
+
+def _lm_bits_per_byte(params, windows):
+  """Mean next-byte cross-entropy in bits over ``windows`` of ``_LM_SEQ + 1`` bytes."""
+  logp = jax.nn.log_softmax(_lm_logits(params, windows[:, :-1]))
+  nll = -jnp.take_along_axis(logp, windows[:, 1:, None].astype(jnp.int32), axis=-1)
+  return jnp.mean(nll) / math.log(2.0)
+
+
+def stdlib_lm() -> Problem:
+  train_np, valid_np = stdlib_text()
+  train = jnp.asarray(train_np)
+  starts = np.linspace(0, len(valid_np) - _LM_SEQ - 2, _LM_VALID_WINDOWS).astype(np.int64)
+  valid = jnp.asarray(np.stack([valid_np[s:s + _LM_SEQ + 1] for s in starts]))
+
+  def batch(key):
+    starts = jax.random.randint(key, (_LM_BATCH,), 0, train.shape[0] - _LM_SEQ - 1)
+    return jax.vmap(lambda s: jax.lax.dynamic_slice(train, (s,), (_LM_SEQ + 1,)))(starts)
+
+  return Problem(
+      name="stdlib_lm",
+      description=f"byte-level causal transformer LM ({_LM_LAYERS} layers, d={_LM_D}, "
+      f"{_LM_HEADS} heads, context {_LM_SEQ}, batch {_LM_BATCH}) on the Python standard "
+      f"library's .py files ({len(train_np) / 1e6:.1f} MB train; every tenth file held out, "
+      f"{_LM_VALID_WINDOWS} validation windows); loss and metric in bits per byte",
+      init=_lm_init,
+      batch=batch,
+      loss=lambda p, windows: _lm_bits_per_byte(p, windows),
+      evaluate=lambda p: _lm_bits_per_byte(p, valid),
+      metric_name="validation bits/byte",
+      target=2.0,
+      smooth=50,
+      steps=800,
+      quick_steps=200,
+      lrs=(1e-3, 3e-3, 1e-2),
+      quick_lrs=(3e-3,),
+      warmup=50,
+      eval_every=50,
+      select_by_metric=True,
+      optimizers=("optax_rlx.kron", "optax.adamw", "optax_rlx.adafactor", "psgd_jax.kron"),
+      seeds=2,
+  )
+
+
+ALL = (least_squares, rosenbrock, rosenbrock_batched, digits_mlp, transformer_sort, delayed_xor,
+       stdlib_lm)

@@ -18,9 +18,16 @@ never reach it, the one with the lowest median final loss.
   measured in the same run;
 - optimizer-state bytes relative to the parameters' bytes (``jax.eval_shape`` of ``init``).
 
+Problems with ``eval_every`` (the byte-level LM on the standard library's source) also evaluate
+their metric (validation bits per byte) every ``eval_every`` steps inside the loop, pick the best
+lr by the final metric, run only their own optimizer list (kron, adamw, adafactor, psgd_jax's
+kron), and get a second table: the steps and seconds each optimizer needs to reach AdamW's final
+validation loss, and a plot of the metric against steps and against wall-clock
+(``compare[_quick]_<problem>.png``).
+
 Usage:
   python benchmarks/compare.py --quick     # <= 3 minutes on 2 CPU cores
-  python benchmarks/compare.py             # full mode, <= 20 minutes on 2 CPU cores
+  python benchmarks/compare.py             # full mode, <= 30 minutes on 2 CPU cores
 Options: ``--problems a,b``, ``--optimizers x,y``, ``--seeds N``, ``--out DIR`` (default
 ``benchmarks/results``). Writes ``compare[_quick].md``, ``.json`` and ``.png`` there (the PNG needs
 matplotlib). psgd_jax's kron is included when it is importable.
@@ -82,7 +89,15 @@ def _schedule(problem: Problem, peak, steps):
 
 
 def _make_train(problem: Problem, make_tx, steps):
-  """Returns ``train(lr, seed) -> (losses[steps], metric)``, jitted."""
+  """Returns ``train(lr, seed) -> (losses[steps], metric, metric_curve[steps])``, jitted.
+
+  ``metric_curve`` holds the metric after every ``problem.eval_every``-th step and NaN elsewhere
+  (all NaN when the problem has no ``eval_every``).
+  """
+  nan = jnp.float32(jnp.nan)
+
+  def evaluate(params):
+    return problem.evaluate(params).astype(jnp.float32) if problem.evaluate else nan
 
   def train(lr, seed):
     k_init, k_data, k_opt = jax.random.split(jax.random.key(seed), 3)
@@ -90,15 +105,21 @@ def _make_train(problem: Problem, make_tx, steps):
     tx = make_tx(_schedule(problem, lr, steps), k_opt)
     state = tx.init(params)
 
-    def step(carry, key):
+    def step(carry, inputs):
       params, state = carry
+      key, i = inputs
       loss, grads = jax.value_and_grad(problem.loss)(params, problem.batch(key))
       updates, state = tx.update(grads, state, params)
-      return (optax.apply_updates(params, updates), state), loss
+      params = optax.apply_updates(params, updates)
+      metric = nan
+      if problem.eval_every:
+        due = (i + 1) % problem.eval_every == 0
+        metric = jax.lax.cond(due, evaluate, lambda p: nan, params)
+      return (params, state), (loss, metric)
 
-    (params, _), losses = jax.lax.scan(step, (params, state), jax.random.split(k_data, steps))
-    metric = problem.evaluate(params) if problem.evaluate else jnp.float32(jnp.nan)
-    return losses, metric
+    inputs = (jax.random.split(k_data, steps), jnp.arange(steps))
+    (params, _), (losses, curve) = jax.lax.scan(step, (params, state), inputs)
+    return losses, evaluate(params), curve
 
   return jax.jit(train)
 
@@ -137,7 +158,9 @@ class Result:
   state_ratio: float
   compile_s: float
   curve: list[float]  # median over seeds of the smoothed loss at the best lr
-  grid: dict[str, float]  # lr -> median final loss
+  grid: dict[str, float]  # lr -> median final loss (final metric with select_by_metric)
+  # Problems with eval_every: (step, median metric over seeds) at the best lr.
+  metric_curve: list[tuple[int, float]] | None = None
 
 
 def _run_pair(problem, name, make_tx, steps, seeds, progress) -> Result:
@@ -151,9 +174,10 @@ def _run_pair(problem, name, make_tx, steps, seeds, progress) -> Result:
     runs = []
     for seed in range(seeds):
       start = time.perf_counter()
-      losses, metric = jax.block_until_ready(compiled(lr, seed))
+      losses, metric, curve = jax.block_until_ready(compiled(lr, seed))
       elapsed = time.perf_counter() - start
-      runs.append((np.asarray(losses, np.float64), float(metric), 1e3 * elapsed / steps))
+      runs.append((np.asarray(losses, np.float64), float(metric), 1e3 * elapsed / steps,
+                   np.asarray(curve, np.float64)))
       progress.update(1)
     per_lr[lr] = runs
 
@@ -161,20 +185,32 @@ def _run_pair(problem, name, make_tx, steps, seeds, progress) -> Result:
     tail = losses[-problem.smooth:]
     return float(np.mean(tail)) if np.all(np.isfinite(tail)) else math.inf
 
-  grid = {lr: statistics.median(final(r[0]) for r in runs) for lr, runs in per_lr.items()}
-  to_target = {
-      lr: statistics.median(_steps_to_target(r[0], problem) for r in runs)
-      for lr, runs in per_lr.items()
-  }
-  # Fastest to the target; among lrs that never get there (or tie), the lowest final loss.
-  best_lr = min(grid, key=lambda lr: (to_target[lr], grid[lr], lr))
+  def final_metric(run):
+    return run[1] if math.isfinite(run[1]) else math.inf
+
+  loss_grid = {lr: statistics.median(final(r[0]) for r in runs) for lr, runs in per_lr.items()}
+  if problem.select_by_metric:  # lowest median final metric (e.g. validation loss)
+    grid = {lr: statistics.median(final_metric(r) for r in runs) for lr, runs in per_lr.items()}
+    best_lr = min(grid, key=lambda lr: (grid[lr], lr))
+  else:
+    grid = loss_grid
+    to_target = {
+        lr: statistics.median(_steps_to_target(r[0], problem) for r in runs)
+        for lr, runs in per_lr.items()
+    }
+    # Fastest to the target; among lrs that never get there (or tie), the lowest final loss.
+    best_lr = min(grid, key=lambda lr: (to_target[lr], grid[lr], lr))
   runs = per_lr[best_lr]
   steps_hit = [_steps_to_target(r[0], problem) for r in runs]
   curves = np.stack([_smoothed(r[0], problem.smooth) for r in runs])
+  metric_curve = None
+  if problem.eval_every:
+    evals = np.median(np.stack([r[3] for r in runs]), axis=0)
+    metric_curve = [(int(i + 1), float(evals[i])) for i in np.nonzero(np.isfinite(evals))[0]]
   return Result(
       optimizer=name,
       best_lr=best_lr,
-      final_loss=grid[best_lr],
+      final_loss=loss_grid[best_lr],
       steps_to_target=statistics.median(steps_hit),
       solved=sum(math.isfinite(s) for s in steps_hit),
       seeds=seeds,
@@ -184,6 +220,7 @@ def _run_pair(problem, name, make_tx, steps, seeds, progress) -> Result:
       compile_s=compile_s,
       curve=np.median(curves, axis=0).tolist(),
       grid={f"{lr:g}": v for lr, v in grid.items()},
+      metric_curve=metric_curve,
   )
 
 
@@ -201,12 +238,18 @@ def _fmt(x, spec):
   return "—" if x is None or not math.isfinite(x) else format(x, spec)
 
 
+def _baseline(results: list[Result]) -> Result | None:
+  """optax.adam, or optax.adamw where a problem runs without adam."""
+  by_name = {r.optimizer: r for r in results}
+  return by_name.get("optax.adam", by_name.get("optax.adamw"))
+
+
 def markdown(problem: Problem, steps: int, results: list[Result]) -> str:
-  adam = next((r for r in results if r.optimizer == "optax.adam"), None)
+  adam = _baseline(results)
   metric = problem.metric_name
   head = ["optimizer", "best lr", "final loss", f"steps to {problem.target:g}", "solved"]
   head += [metric] if metric else []
-  head += ["ms/step", "vs adam", "state/params"]
+  head += ["ms/step", f"vs {adam.optimizer.split('.')[-1] if adam else 'adam'}", "state/params"]
   lines = [
       f"#### {problem.name} — {problem.description}; {steps} steps",
       "",
@@ -221,7 +264,62 @@ def markdown(problem: Problem, steps: int, results: list[Result]) -> str:
     ratio_cell = _fmt(ratio, ".2f") + ("x" if math.isfinite(ratio) else "")
     cells += [_fmt(r.ms_per_step, ".3g"), ratio_cell, f"{r.state_ratio:.2f}"]
     lines.append("| " + " | ".join(cells) + " |")
+  if problem.eval_every and adam is not None and adam.metric_curve:
+    lines += ["", reach_table(problem, results, adam)]
   return "\n".join(lines)
+
+
+def _first_step_at(curve, level):
+  return next((step for step, value in curve if value <= level), math.inf)
+
+
+def reach_table(problem: Problem, results: list[Result], base: Result) -> str:
+  """Steps and seconds each optimizer needs to reach ``base``'s final metric (its last point)."""
+  level = base.metric_curve[-1][1]
+  base_steps = _first_step_at(base.metric_curve, level)
+  lines = [
+      f"Reaching {base.optimizer}'s final {problem.metric_name} ({level:.4f}), measured every "
+      f"{problem.eval_every} steps (median over seeds at each optimizer's best lr):",
+      "",
+      "| optimizer | final | steps to reach | vs " + base.optimizer + " | seconds to reach "
+      "| ms/step vs " + base.optimizer + " |",
+      "|---|---:|---:|---:|---:|---:|",
+  ]
+  for r in results:
+    if not r.metric_curve:
+      continue
+    steps = _first_step_at(r.metric_curve, level)
+    cells = [r.optimizer, f"{r.metric_curve[-1][1]:.4f}", _fmt(steps, ".0f"),
+             _fmt(steps / base_steps, ".2f"), _fmt(steps * r.ms_per_step / 1e3, ".1f"),
+             _fmt(r.ms_per_step / base.ms_per_step, ".2f")]
+    lines.append("| " + " | ".join(cells) + " |")
+  return "\n".join(lines)
+
+
+def plot_metric_curves(path, problem: Problem, results: list[Result]):
+  """The metric against steps and against wall-clock seconds (steps × median ms/step)."""
+  import matplotlib
+
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+  for r in results:
+    if not r.metric_curve:
+      continue
+    steps, values = np.asarray(r.metric_curve).T
+    style = "-" if r.optimizer.startswith("optax_rlx") else "--"
+    label = f"{r.optimizer} (lr {r.best_lr:g})"
+    axes[0].plot(steps, values, style, lw=1.4, label=label)
+    axes[1].plot(steps * r.ms_per_step / 1e3, values, style, lw=1.4, label=label)
+  for ax, xlabel in zip(axes, ("step", "wall-clock seconds (steps × median ms/step)"), strict=True):
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(problem.metric_name)
+    ax.legend(fontsize=7)
+  fig.suptitle(f"{problem.name}: {problem.metric_name}", fontsize=10)
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
 
 
 def plot(path, problems, steps_of, results_of):
@@ -315,7 +413,20 @@ def main(argv=None):
       parser.error(f"unknown or unavailable optimizers {sorted(unknown)}; have {list(table)}")
   elif args.quick:
     names = [n for n in names if n in QUICK_OPTIMIZERS]
-  seeds = args.seeds or (1 if args.quick else 3)
+  default_seeds = 1 if args.quick else 3
+
+  def seeds_of(problem):
+    return args.seeds or (problem.seeds if problem.seeds and not args.quick else default_seeds)
+
+  def names_of(problem):
+    if problem.optimizers is not None:  # the problem's own list, in the run's order
+      pool = names if args.optimizers else list(table)
+      return [n for n in pool if n in problem.optimizers]
+    return names
+
+  def lrs_of(problem):
+    return problem.quick_lrs if args.quick and problem.quick_lrs else problem.lrs
+
   steps_of = {
       p.name: max(2 * p.smooth, round((p.quick_steps if args.quick else p.steps)
                                       * args.steps_scale))
@@ -326,17 +437,19 @@ def main(argv=None):
   machine = (f"{platform.machine()} {jax.devices()[0].platform.upper()}, {os.cpu_count()} cores; "
              f"jax {jax.__version__}, optax {optax.__version__}")
   header = (f"`python benchmarks/compare.py{' --quick' if args.quick else ''}` ({mode} mode, "
-            f"{seeds} seed(s) per lr) on {machine}.")
+            f"{args.seeds or default_seeds} seed(s) per lr unless a problem says otherwise) on "
+            f"{machine}.")
   print(header, flush=True)
-  progress = _Progress(sum(len(p.lrs) for p in problems) * len(names) * seeds)
+  problems = [dataclasses.replace(p, lrs=lrs_of(p)) for p in problems]
+  progress = _Progress(sum(len(p.lrs) * len(names_of(p)) * seeds_of(p) for p in problems))
   results_of, sections = {}, [header]
   start = time.perf_counter()
   for problem in problems:
     results = []
-    for name in names:
+    for name in names_of(problem):
       progress.describe(f"{problem.name}: {name}")
-      results.append(_run_pair(problem, name, table[name], steps_of[problem.name], seeds,
-                               progress))
+      results.append(_run_pair(problem, name, table[name], steps_of[problem.name],
+                               seeds_of(problem), progress))
     results_of[problem.name] = results
     sections.append(markdown(problem, steps_of[problem.name], results))
     progress.write("\n" + sections[-1])  # each table as soon as its problem is done
@@ -352,10 +465,11 @@ def main(argv=None):
     f.write(report)
   with open(stem + ".json", "w") as f:
     json.dump({
-        "mode": mode, "machine": machine, "seeds": seeds, "total_seconds": total_s,
+        "mode": mode, "machine": machine, "total_seconds": total_s,
         "problems": {
             p.name: {"description": p.description, "steps": steps_of[p.name],
                      "target": p.target, "smooth": p.smooth, "metric": p.metric_name,
+                     "seeds": seeds_of(p),
                      "lrs": list(p.lrs),
                      "results": [_finite_or_none(dataclasses.asdict(r))
                                  for r in results_of[p.name]]}
@@ -367,6 +481,10 @@ def main(argv=None):
     try:
       plot(stem + ".png", problems, steps_of, results_of)
       written.append(stem + ".png")
+      for p in problems:
+        if p.eval_every:
+          plot_metric_curves(f"{stem}_{p.name}.png", p, results_of[p.name])
+          written.append(f"{stem}_{p.name}.png")
     except ImportError:
       print("matplotlib is not installed: no plot (pip install matplotlib)", file=sys.stderr)
   print("Wrote " + ", ".join(written))

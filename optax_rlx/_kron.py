@@ -183,7 +183,7 @@ def scale_by_kron(
     >>> tx = optax_rlx.scale_by_kron(key=0)
     >>> params = {'w': jnp.zeros((4, 4)), 'emb': jnp.zeros((64, 8)), 'b': jnp.zeros(3)}
     >>> state = tx.init(params)
-    >>> [[q.shape for q in state.Qs[k]] for k in ('w', 'emb', 'b')]  # 64² > 64·8: diagonal
+    >>> [[q.shape for q in state.Qs[k]] for k in ('w', 'emb', 'b')]  # 64² > 2 · 64·8: diagonal
     [[(4, 4), (4, 4)], [(64,), (8, 8)], [(3,)]]
     >>> grads = jax.tree.map(jnp.ones_like, params)
     >>> updates, state = tx.update(grads, state)

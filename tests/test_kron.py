@@ -332,7 +332,8 @@ def test_vector_gets_a_diagonal_whitening_preconditioner():
         ((4, 5, 6), {}, [(4, 4), (5, 5), (6, 6)]),
         # block_size: 12 -> 3 blocks of 4, 10 -> 5 blocks of 2 (the fewest equal blocks <= 4).
         ((12, 10), {"block_size": 4, "max_skew_dense": float("inf")}, [(15, 4, 4), (15, 2, 2)]),
-        ((12, 10), {"block_size": 4}, [(15, 4), (15, 2, 2)]),  # skew rule on the (4, 2) block
+        ((12, 10), {"block_size": 4, "max_skew_dense": 1.0}, [(15, 4), (15, 2, 2)]),  # on a block
+        ((12, 10), {"block_size": 4}, [(15, 4, 4), (15, 2, 2)]),  # (4, 2) is 2:1: dense
         ((12, 4), {"block_size": 12}, [(12,), (4, 4)]),  # no axis above the block size
         ((13, 4), {"block_size": 4}, [(13, 1), (13, 4)]),  # prime: 13 blocks of (1, 4)
         ((12,), {"block_size": 5}, [(3, 4)]),  # vectors too: 3 diagonal blocks of 4
