@@ -195,7 +195,7 @@ def test_complex_updates_are_scale_invariant_in_direction(rng):
 
 def test_complex_params_keep_dtype_through_the_alias_in_float64():
   with jax.enable_x64(True):
-    params = {"w": jnp.ones((5, 3), jnp.complex128), "b": jnp.ones(3, jnp.complex128)}
+    params = {"w": jnp.ones((7, 3), jnp.complex128), "b": jnp.ones(3, jnp.complex128)}
     tx = optax_rlx.kron(1e-2, criterion="newton", key=0)
     state = tx.init(params)
 
@@ -208,6 +208,6 @@ def test_complex_params_keep_dtype_through_the_alias_in_float64():
     assert all(u.dtype == jnp.complex128 for u in jax.tree.leaves(updates))
     assert jax.tree.map(lambda x: x.dtype, new_state) == jax.tree.map(lambda x: x.dtype, state)
     kron_state = new_state[0]
-    # (5, 3): 5² > 15, so the 5-axis is diagonal (real), the 3-axis dense (complex).
+    # (7, 3): 7² > 2 · 21, so the 7-axis is diagonal (real), the 3-axis dense (complex).
     assert [q.dtype for q in kron_state.Qs["w"]] == [jnp.float64, jnp.complex128]
     assert kron_state.Qs["b"][0].dtype == jnp.float64

@@ -168,7 +168,7 @@ def _train(loss, params, tx, steps):
 
 
 @pytest.mark.parametrize("geometry", GEOMETRIES)
-@pytest.mark.parametrize("lr", [0.01, 0.03])
+@pytest.mark.parametrize("lr", [0.01])  # 0.01 stalled before; 0.03 measured < 1e-13 too
 def test_rank_deficient_dense_factors_are_solved_by_every_geometry(geometry, lr):
   """64 Rosenbrocks as one (2, 64) param with a dense 64 x 64 factor, whose gradient Gram has
   rank <= 2 every step. Measured final loss at 3000 steps, cosine schedule: <= 1e-11 for both
