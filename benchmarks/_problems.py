@@ -207,25 +207,25 @@ def _sort_batch(key, batch_size):
   return jnp.concatenate([x, sep, jnp.sort(x, axis=1)], axis=1)  # (B, 2L + 1)
 
 
-def _transformer_init(key):
-  vocab, seq = _SORT_VOCAB + 1, 2 * _SORT_LEN + 1
+def _transformer_init(key, vocab=_SORT_VOCAB + 1, seq=2 * _SORT_LEN + 1, d=_T_D, layers=_T_LAYERS):
+  """A pre-norm transformer's params (the sort task's sizes by default; the LM passes its own)."""
   keys = iter(jax.random.split(key, 32))
 
   def dense(n_in, n_out):
     return jax.random.normal(next(keys), (n_in, n_out)) / math.sqrt(n_in)
 
   params = {
-      "embed": 0.1 * jax.random.normal(next(keys), (vocab, _T_D)),
-      "pos": 0.1 * jax.random.normal(next(keys), (seq, _T_D)),
-      "ln_f": jnp.ones(_T_D),
-      "head": dense(_T_D, vocab) * 0.1,
+      "embed": 0.1 * jax.random.normal(next(keys), (vocab, d)),
+      "pos": 0.1 * jax.random.normal(next(keys), (seq, d)),
+      "ln_f": jnp.ones(d),
+      "head": dense(d, vocab) * 0.1,
   }
-  for i in range(_T_LAYERS):
+  for i in range(layers):
     params[f"block{i}"] = {
-        "ln1": jnp.ones(_T_D), "ln2": jnp.ones(_T_D),
-        "qkv": dense(_T_D, 3 * _T_D), "proj": dense(_T_D, _T_D) / math.sqrt(2 * _T_LAYERS),
-        "fc": dense(_T_D, 4 * _T_D), "fc_b": jnp.zeros(4 * _T_D),
-        "out": dense(4 * _T_D, _T_D) / math.sqrt(2 * _T_LAYERS),
+        "ln1": jnp.ones(d), "ln2": jnp.ones(d),
+        "qkv": dense(d, 3 * d), "proj": dense(d, d) / math.sqrt(2 * layers),
+        "fc": dense(d, 4 * d), "fc_b": jnp.zeros(4 * d),
+        "out": dense(4 * d, d) / math.sqrt(2 * layers),
     }
   return params
 
@@ -234,18 +234,18 @@ def _rms_norm(x, scale):
   return x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + 1e-6) * scale
 
 
-def _transformer_logits(params, tokens):
+def _transformer_logits(params, tokens, d=_T_D, heads=_T_HEADS, layers=_T_LAYERS):
   b, t = tokens.shape
   h = params["embed"][tokens] + params["pos"][:t]
   mask = jnp.tril(jnp.ones((t, t), bool))
-  dh = _T_D // _T_HEADS
-  for i in range(_T_LAYERS):
+  dh = d // heads
+  for i in range(layers):
     p = params[f"block{i}"]
-    qkv = (_rms_norm(h, p["ln1"]) @ p["qkv"]).reshape(b, t, 3, _T_HEADS, dh)
+    qkv = (_rms_norm(h, p["ln1"]) @ p["qkv"]).reshape(b, t, 3, heads, dh)
     q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
     att = jnp.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(dh)
     att = jax.nn.softmax(jnp.where(mask, att, -1e9), axis=-1)
-    h = h + jnp.einsum("bhqk,bkhd->bqhd", att, v).reshape(b, t, _T_D) @ p["proj"]
+    h = h + jnp.einsum("bhqk,bkhd->bqhd", att, v).reshape(b, t, d) @ p["proj"]
     h = h + jax.nn.gelu(_rms_norm(h, p["ln2"]) @ p["fc"] + p["fc_b"]) @ p["out"]
   return _rms_norm(h, params["ln_f"]) @ params["head"]
 
@@ -376,41 +376,11 @@ def stdlib_text(train_bytes=_LM_TRAIN_BYTES, valid_bytes=_LM_VALID_BYTES):
 
 
 def _lm_init(key):
-  keys = iter(jax.random.split(key, 32))
-
-  def dense(n_in, n_out):
-    return jax.random.normal(next(keys), (n_in, n_out)) / math.sqrt(n_in)
-
-  params = {
-      "embed": 0.1 * jax.random.normal(next(keys), (256, _LM_D)),
-      "pos": 0.1 * jax.random.normal(next(keys), (_LM_SEQ, _LM_D)),
-      "ln_f": jnp.ones(_LM_D),
-      "head": dense(_LM_D, 256) * 0.1,
-  }
-  for i in range(_LM_LAYERS):
-    params[f"block{i}"] = {
-        "ln1": jnp.ones(_LM_D), "ln2": jnp.ones(_LM_D),
-        "qkv": dense(_LM_D, 3 * _LM_D), "proj": dense(_LM_D, _LM_D) / math.sqrt(2 * _LM_LAYERS),
-        "fc": dense(_LM_D, 4 * _LM_D), "fc_b": jnp.zeros(4 * _LM_D),
-        "out": dense(4 * _LM_D, _LM_D) / math.sqrt(2 * _LM_LAYERS),
-    }
-  return params
+  return _transformer_init(key, vocab=256, seq=_LM_SEQ, d=_LM_D, layers=_LM_LAYERS)
 
 
 def _lm_logits(params, tokens):
-  b, t = tokens.shape
-  h = params["embed"][tokens] + params["pos"][:t]
-  mask = jnp.tril(jnp.ones((t, t), bool))
-  dh = _LM_D // _LM_HEADS
-  for i in range(_LM_LAYERS):
-    p = params[f"block{i}"]
-    qkv = (_rms_norm(h, p["ln1"]) @ p["qkv"]).reshape(b, t, 3, _LM_HEADS, dh)
-    q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
-    att = jnp.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(dh)
-    att = jax.nn.softmax(jnp.where(mask, att, -1e9), axis=-1)
-    h = h + jnp.einsum("bhqk,bkhd->bqhd", att, v).reshape(b, t, _LM_D) @ p["proj"]
-    h = h + jax.nn.gelu(_rms_norm(h, p["ln2"]) @ p["fc"] + p["fc_b"]) @ p["out"]
-  return _rms_norm(h, params["ln_f"]) @ params["head"]
+  return _transformer_logits(params, tokens, d=_LM_D, heads=_LM_HEADS, layers=_LM_LAYERS)
 
 
 def _lm_bits_per_byte(params, windows):
