@@ -11,7 +11,7 @@ from optax_rlx._adafactor import (
     relative_step_schedule,
     scale_by_adafactor,
 )
-from optax_rlx._kron import KronState, kron, scale_by_kron
+from optax_rlx._kron import FactorGroups, KronState, kron, scale_by_kron
 from optax_rlx._kron_config import precond_update_prob_schedule
 from optax_rlx._sharding import state_sharding
 
@@ -20,6 +20,7 @@ __version__ = "0.1.0.dev0"
 __all__ = [
     "AdafactorState",
     "AdafactorStepState",
+    "FactorGroups",
     "KronState",
     "adafactor",
     "kron",

@@ -157,6 +157,50 @@ def explicit_spec(x: Any) -> tuple[Any, ...] | None:
   return padded_spec(spec, len(x.shape))
 
 
+def spec_axis_names(spec: Any) -> set[str]:
+  """The mesh axis names a PartitionSpec uses (entries may be names, tuples of names or None)."""
+  names = set()
+  for entry in tuple(spec):
+    if entry is None:
+      continue
+    names.update(entry if isinstance(entry, tuple) else (entry,))
+  return names
+
+
+def divisible_axes(size: int, axes: Sequence[str], axis_sizes: Mapping[str, int]) -> tuple:
+  """``axes`` in order, each kept while the product of the kept axes' sizes divides ``size``:
+  the mesh axes an axis of length ``size`` can be sharded over evenly."""
+  kept, product = [], 1
+  for name in axes:
+    if size % (product * axis_sizes[name]) == 0:
+      kept.append(name)
+      product *= axis_sizes[name]
+  return tuple(kept)
+
+
+def group_spec(size: int, ndim: int, group_axes: tuple | None, mesh: Any,
+               owner: str = "kron") -> jax.sharding.PartitionSpec:
+  """The spec of a factor-group array (leading axis of length ``size``) on ``mesh``: sharded
+  over ``group_axes`` (None: every mesh axis) as far as their sizes divide ``size``."""
+  sizes = dict(zip(mesh.axis_names, mesh.axis_sizes, strict=True))
+  axes = tuple(mesh.axis_names) if group_axes is None else group_axes
+  for name in axes:
+    if name not in sizes:
+      raise ValueError(
+          f"{owner}: `group_axes` names mesh axis {name!r}, but the mesh has axes "
+          f"{tuple(mesh.axis_names)}."
+      )
+  return lead_spec(divisible_axes(size, axes, sizes), ndim)
+
+
+def lead_spec(axes: tuple, ndim: int) -> jax.sharding.PartitionSpec:
+  """A spec sharding only the leading axis, over ``axes`` (replicated when empty)."""
+  if not axes or not ndim:
+    return jax.sharding.PartitionSpec()
+  first = axes[0] if len(axes) == 1 else axes
+  return jax.sharding.PartitionSpec(first, *([None] * (ndim - 1)))
+
+
 def layout_like(x: jax.Array, param: Any, lead: bool = False) -> jax.Array:
   """``x`` resharded like ``param`` under an explicit-axes mesh; ``x`` itself otherwise.
 

@@ -13,9 +13,9 @@ import optax
 
 from optax_rlx import _common, _kron_update
 from optax_rlx._kron_config import OWNER, KronConfig, make_config
-from optax_rlx._kron_state import KronState, init_state
+from optax_rlx._kron_state import FactorGroups, KronState, init_state
 
-__all__ = ["KronState", "kron", "scale_by_kron"]
+__all__ = ["FactorGroups", "KronState", "kron", "scale_by_kron"]
 
 
 def _update(updates, state, params, obj_fn, cfg: KronConfig):
@@ -55,6 +55,8 @@ def scale_by_kron(
     mu_dtype: Any = None,
     precond_dtype: Any = None,
     stacked_layers: Any = None,
+    group_multiple: int | None = None,
+    group_axes: str | tuple[str, ...] | None = None,
     key: int | jax.Array = 0,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Preconditions updates with Li's Kronecker-factored PSGD preconditioner.
@@ -162,6 +164,16 @@ def scale_by_kron(
       for float32 and the half types, complex128 for float64), diagonal factors stay real.
     stacked_layers: pytree of bools (prefix of the params, or a callable of them): True where a
       leaf's leading axis stacks layers (``nn.scan``); each layer gets its own factors (vmapped).
+    group_multiple: None (1) or an int: every factor group (all fitting units, of any leaves,
+      with the same factor shapes and dtypes, stored and fitted as one batch) is padded with
+      identity units to a multiple of it, so :func:`optax_rlx.state_sharding` can shard each
+      group evenly over that many devices (use the size of the mesh axes the params are
+      sharded over). Padding units are fitted on zeros and never applied.
+    group_axes: mesh axis name(s) the factor groups' leading axis is sharded over; None means
+      every axis of the mesh. Each group keeps the axes, in order, while the product of their
+      sizes divides the group's size (replicated if none does), so each device stores and
+      refits its share (:func:`optax_rlx.state_sharding`). Under a mesh set with
+      ``jax.set_mesh`` the update also pins the stacked inputs of each group to that layout.
     key: int seed or JAX PRNG key for the probes; stored in the state and split every step.
 
   Returns:
@@ -183,7 +195,8 @@ def scale_by_kron(
     >>> tx = optax_rlx.scale_by_kron(key=0)
     >>> params = {'w': jnp.zeros((4, 4)), 'emb': jnp.zeros((64, 8)), 'b': jnp.zeros(3)}
     >>> state = tx.init(params)
-    >>> [[q.shape for q in state.Qs[k]] for k in ('w', 'emb', 'b')]  # 64² > 2 · 64·8: diagonal
+    >>> qs = state.Qs.by_leaf()  # the factors per leaf (stored by factor group)
+    >>> [[q.shape for q in qs[k]] for k in ('w', 'emb', 'b')]  # 64² > 2 · 64·8: diagonal
     [[(4, 4), (4, 4)], [(64,), (8, 8)], [(3,)]]
     >>> grads = jax.tree.map(jnp.ones_like, params)
     >>> updates, state = tx.update(grads, state)
@@ -210,6 +223,8 @@ def scale_by_kron(
       mu_dtype=mu_dtype,
       precond_dtype=precond_dtype,
       stacked_layers=stacked_layers,
+      group_multiple=group_multiple,
+      group_axes=group_axes,
       key=key,
   )
 
@@ -246,6 +261,8 @@ def kron(
     mu_dtype: Any = None,
     precond_dtype: Any = None,
     stacked_layers: Any = None,
+    group_multiple: int | None = None,
+    group_axes: str | tuple[str, ...] | None = None,
     key: int | jax.Array = 0,
 ) -> optax.GradientTransformationExtraArgs:
   r"""The Kron-PSGD optimizer: :func:`scale_by_kron`, decoupled weight decay, learning rate.
@@ -283,6 +300,8 @@ def kron(
     precond_dtype: see :func:`scale_by_kron`.
     stacked_layers: see :func:`scale_by_kron` (list it in ``static_args`` of
       ``optax.inject_hyperparams`` when it is a callable).
+    group_multiple: see :func:`scale_by_kron`.
+    group_axes: see :func:`scale_by_kron`.
     key: see :func:`scale_by_kron`.
 
   Returns:
@@ -338,6 +357,8 @@ def kron(
           mu_dtype=mu_dtype,
           precond_dtype=precond_dtype,
           stacked_layers=stacked_layers,
+          group_multiple=group_multiple,
+          group_axes=group_axes,
           key=key,
       )
   ]

@@ -78,6 +78,8 @@ class KronConfig:
   mu_dtype: Any
   precond_dtype: Any
   stacked_layers: Any
+  group_multiple: int
+  group_axes: tuple[str, ...] | None
   key_data: Any  # raw uint32 key data (NumPy when concrete)
 
   @property
@@ -145,6 +147,18 @@ def _check_numbers(options):
         allow_none=True, allow_inf=True)
 
 
+def _group_axes(value):
+  if value is None:
+    return None
+  axes = (value,) if isinstance(value, str) else value
+  if not isinstance(axes, tuple | list) or not axes or not all(isinstance(a, str) for a in axes):
+    raise ValueError(
+        f"{OWNER}: `group_axes` must be None, a mesh axis name or a tuple of names; got "
+        f"{value!r}."
+    )
+  return tuple(axes)
+
+
 def _static_int_or(name, value, default, low):
   return default if value is None else _common.static_int(OWNER, name, value, low=low)
 
@@ -206,5 +220,7 @@ def make_config(**options) -> KronConfig:
       mu_dtype=options["mu_dtype"],
       precond_dtype=options["precond_dtype"],
       stacked_layers=options["stacked_layers"],
+      group_multiple=_static_int_or("group_multiple", options["group_multiple"], 1, low=1),
+      group_axes=_group_axes(options["group_axes"]),
       key_data=key_data,
   )

@@ -157,3 +157,79 @@ def from_inner(u, plan: LeafPlan):
     perm = tuple(range(k)) + tuple(v for i in range(r) for v in (k + i, k + r + i))
     u = u.transpose(perm)
   return u.reshape(plan.leaf_shape)
+
+
+@dataclasses.dataclass(frozen=True)
+class FactorGroup:
+  """Fitting units (of any leaves, layers and blocks) with the same factor layout, stored and
+  fitted as one batch along a leading group axis.
+
+  Attributes:
+    block_shape: the units' shape (see :class:`LeafPlan`).
+    dense: per axis, dense or diagonal.
+    dtypes: the units' dtype key (factor and compute dtypes; opaque here, it only has to match).
+    units: fitting units taken from the leaves.
+    size: length of the group axis: ``units`` padded up to a multiple of the group multiple
+      (padding units are fitted on zeros and never applied).
+  """
+
+  block_shape: tuple[int, ...]
+  dense: tuple[bool, ...]
+  dtypes: tuple[str, ...]
+  units: int
+  size: int
+
+  @property
+  def factor_shapes(self) -> tuple[tuple[int, ...], ...]:
+    """The group's factor shapes: ``(size, d, d)`` dense, ``(size, d)`` diagonal."""
+    return tuple(
+        (self.size, d, d) if is_dense else (self.size, d)
+        for d, is_dense in zip(self.block_shape, self.dense, strict=True)
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class Slot:
+  """Where a leaf's units sit in their group: ``group``'s units ``start … start + count - 1``."""
+
+  group: int
+  start: int
+  count: int
+
+
+def group_units(plans: list[LeafPlan], dtype_keys: list[tuple[str, ...]],
+                multiple: int) -> tuple[tuple[FactorGroup, ...], tuple[Slot, ...]]:
+  """Groups every leaf's fitting units by ``(block_shape, dense, dtype key)``.
+
+  Groups are ordered by their first leaf, and units within a group by leaf, then by the leaf's
+  layers and blocks (:func:`to_inner` order). Each group's size is rounded up to a multiple of
+  ``multiple``. Returns the groups and one :class:`Slot` per leaf.
+  """
+  index: dict[tuple, int] = {}
+  counts: list[int] = []
+  slots = []
+  for plan, dtypes in zip(plans, dtype_keys, strict=True):
+    key = (plan.block_shape, plan.dense, dtypes)
+    g = index.setdefault(key, len(index))
+    if g == len(counts):
+      counts.append(0)
+    count = plan.lead[0] if plan.batched else 1
+    slots.append(Slot(group=g, start=counts[g], count=count))
+    counts[g] += count
+  groups = tuple(
+      FactorGroup(block_shape=shape, dense=dense, dtypes=dtypes, units=n,
+                  size=-(-n // multiple) * multiple)
+      for (shape, dense, dtypes), n in zip(index, counts, strict=True)
+  )
+  return groups, tuple(slots)
+
+
+def to_units(x, plan: LeafPlan):
+  """A leaf-shaped array as ``(count,) + plan.block_shape``, its units along a leading axis."""
+  x = to_inner(x, plan)
+  return x if plan.batched else x.reshape((1, *plan.block_shape))
+
+
+def from_units(u, plan: LeafPlan):
+  """Inverse of :func:`to_units`."""
+  return from_inner(u if plan.batched else u.reshape(plan.block_shape), plan)

@@ -12,7 +12,7 @@ from optax_rlx import _common
 from optax_rlx import _kron_numerics as numerics
 from optax_rlx import _kron_plan as planning
 from optax_rlx._kron_config import KronConfig
-from optax_rlx._kron_state import KronState, check_inputs
+from optax_rlx._kron_state import FactorGroups, KronState, check_inputs
 
 
 def _momentum(updates, mu, count_inc, cfg: KronConfig):
@@ -58,53 +58,103 @@ def _fitting_pairs(keys, fit_targets, params, obj_fn, treedef, cfg: KronConfig):
   return [jnp.conj(h) if jnp.iscomplexobj(h) else h for h in jax.tree.leaves(hvp)], probes
 
 
-def _refit_leaf(plan, factors, lips, h, v, key, lr, first_step, cfg: KronConfig):
-  """One fitting step of every unit (layer, block) of a leaf, in float32 or wider."""
-  if h.size == 0:  # an empty leaf has nothing to fit
-    return factors, lips
+def _unit_inputs(plan, h, v, key):
+  """A leaf's fitting inputs as ``(count,) + block_shape`` units, in float32 or wider."""
   compute = _common.stats_dtype(h.dtype)
-  h_inner = planning.to_inner(h.astype(compute), plan)
-  v_inner = None if v is None else planning.to_inner(v.astype(compute), plan)
   noise = jax.random.normal(key, plan.lead + plan.block_shape, compute)
-  wide = numerics.cast_factors(factors, plan.dense, compute)
+  if not plan.batched:
+    noise = noise[None]
+  h_units = planning.to_units(h.astype(compute), plan)
+  v_units = None if v is None else planning.to_units(v.astype(compute), plan)
+  return h_units, v_units, noise
+
+
+def _pin(x, group, layout):
+  """``x`` (leading group axis) constrained to the group's sharded layout when a mesh is set
+  (``jax.set_mesh``); as is otherwise, left to XLA's propagation from the state's sharding."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty or mesh.size == 1:
+    return x
+  spec = _common.group_spec(group.size, x.ndim, layout.group_axes, mesh)
+  if not tuple(spec):  # a replicated group: XLA partitions its work along the param's layout
+    return x
+  if any(t == jax.sharding.AxisType.Explicit for t in mesh.axis_types):
+    return x  # explicit axes (replicated inputs): the layout is part of the types
+  return jax.lax.with_sharding_constraint(x, spec)
+
+
+def _stack(group, pieces, layout):
+  """One group's units from its leaves' ``pieces``, zero-padded to the group's size."""
+  pad = group.size - group.units
+  if pad:
+    pieces = [*pieces, jnp.zeros((pad, *pieces[0].shape[1:]), pieces[0].dtype)]
+  return _pin(pieces[0] if len(pieces) == 1 else jnp.concatenate(pieces), group, layout)
+
+
+def _members(layout):
+  """Per group, the indices of its leaves in storage order."""
+  members = [[] for _ in layout.groups]
+  for i, slot in enumerate(layout.slots):
+    members[slot.group].append(i)
+  return members
+
+
+def _refit_group(group, factors, lips, inputs, lr, first_step, layout, cfg: KronConfig):
+  """One fitting step of every unit of a group (one vmapped call), in float32 or wider."""
+  if not group.units or 0 in group.block_shape:  # nothing to fit
+    return factors, lips
+  h = _stack(group, [x[0] for x in inputs], layout)
+  v = None if inputs[0][1] is None else _stack(group, [x[1] for x in inputs], layout)
+  noise = _stack(group, [x[2] for x in inputs], layout)
+  wide = numerics.cast_factors(factors, group.dense, h.dtype)
 
   def fit(f, lp, hh, vv, nn):
-    return numerics.fit_factors(f, lp, hh, vv, nn, lr, first_step, plan.dense, cfg.fit)
+    return numerics.fit_factors(f, lp, hh, vv, nn, lr, first_step, group.dense, cfg.fit)
 
-  in_axes = (0, 0, 0, None if v_inner is None else 0, 0)
-  fit = jax.vmap(fit, in_axes=in_axes) if plan.batched else fit
-  new_f, new_l = fit(wide, lips, h_inner, v_inner, noise)
+  new_f, new_l = jax.vmap(fit, in_axes=(0, 0, 0, None if v is None else 0, 0))(
+      wide, lips, h, v, noise)
   return tuple(q.astype(old.dtype) for q, old in zip(new_f, factors, strict=True)), tuple(new_l)
 
 
-def _refit(qs, ls, key, fit_targets, params, obj_fn, plans, treedef, lr, first_step, cfg):
-  """New ``(factors, Lipschitz estimates)`` per leaf after one fitting step."""
+def _refit(qs, ls, key, fit_targets, params, obj_fn, layout, plans, lr, first_step, cfg):
+  """New factors and Lipschitz estimates of every group after one fitting step."""
   n = len(plans)
   keys = jax.random.split(key, 2 * n)
-  targets, probes = _fitting_pairs(keys[n:], fit_targets, params, obj_fn, treedef, cfg)
-  per_leaf = [
-      _refit_leaf(plan, f, lp, h, v, k, lr, first_step, cfg)
-      for plan, f, lp, h, v, k in zip(plans, qs, ls, targets, probes, keys[:n], strict=True)
+  targets, probes = _fitting_pairs(keys[n:], fit_targets, params, obj_fn, layout.treedef, cfg)
+  inputs = [
+      _unit_inputs(plan, h, v, k)
+      for plan, h, v, k in zip(plans, targets, probes, keys[:n], strict=True)
   ]
-  return [f for f, _ in per_leaf], [lp for _, lp in per_leaf]
+  out = [
+      _refit_group(group, f, lp, [inputs[i] for i in idx], lr, first_step, layout, cfg)
+      for group, f, lp, idx in zip(layout.groups, qs, ls, _members(layout), strict=True)
+  ]
+  return [f for f, _ in out], [lp for _, lp in out]
 
 
-def _apply_leaf(plan, factors, m, g, cfg: KronConfig):
-  """``P m̂`` clipped by RMS per unit, back in the leaf's shape and the gradient's dtype."""
-  if g.size == 0:
-    return jnp.zeros_like(g)
-  compute = _common.stats_dtype(m.dtype)
+def _apply(qs, m_hat, grads, layout, plans, cfg: KronConfig):
+  """``P m̂`` clipped by RMS per unit, per leaf in the leaf's shape and the gradient's dtype."""
+  out = [jnp.zeros_like(g) for g in grads]
+  for group, factors, idx in zip(layout.groups, qs, _members(layout), strict=True):
+    if 0 in group.block_shape:
+      continue
+    compute = _common.stats_dtype(m_hat[idx[0]].dtype)
+    m = _stack(group, [planning.to_units(m_hat[i].astype(compute), plans[i]) for i in idx],
+               layout)
 
-  def apply(f, x):
-    u = numerics.precondition(numerics.cast_factors(f, plan.dense, compute), x, plan.dense)
-    return numerics.clip_by_rms(u, cfg.update_clip)
+    def apply(f, x, dense=group.dense):
+      u = numerics.precondition(numerics.cast_factors(f, dense, x.dtype), x, dense)
+      return numerics.clip_by_rms(u, cfg.update_clip)
 
-  apply = jax.vmap(apply) if plan.batched else apply
-  u = apply(factors, planning.to_inner(m.astype(compute), plan))
-  return planning.from_inner(u, plan).astype(g.dtype)
+    u = jax.vmap(apply)(factors, m)
+    for i in idx:
+      slot = layout.slots[i]
+      unit = u[slot.start:slot.start + slot.count]
+      out[i] = planning.from_units(unit, plans[i]).astype(grads[i].dtype)
+  return out
 
 
-def _step(updates, state, params, obj_fn, plans, treedef, cfg: KronConfig):
+def _step(updates, state, params, obj_fn, layout, plans, cfg: KronConfig):
   """Momentum → refit decision → refit (inside one ``lax.cond``) → apply and clip."""
   count_inc = optax.safe_increment(state.count)
   grads = jax.tree.leaves(updates)
@@ -113,34 +163,35 @@ def _step(updates, state, params, obj_fn, plans, treedef, cfg: KronConfig):
   key, refit_key = jax.random.split(jax.random.wrap_key_data(state.key))
   lr = jnp.asarray(_common.schedule_value(cfg.precond_lr, state.count), jnp.float32)
   fit_targets = m_hat if cfg.fit_on == "momentum" else grads
-  qs = [_common.as_tuple(f) for f in treedef.flatten_up_to(state.Qs)]
-  ls = [_common.as_tuple(f) for f in treedef.flatten_up_to(state.Ls)]
+  if not layout.groups:  # no leaves: nothing to fit or apply
+    return updates, state._replace(count=count_inc, key=jax.random.key_data(key),
+                                   precond_acc=new_acc, mu=new_mu)
+  qs = [_common.as_tuple(g) for g in state.Qs.groups]
+  ls = [_common.as_tuple(g) for g in state.Ls.groups]
 
   def refit(qs, ls):
-    return _refit(qs, ls, refit_key, fit_targets, params, obj_fn, plans, treedef, lr,
+    return _refit(qs, ls, refit_key, fit_targets, params, obj_fn, layout, plans, lr,
                   state.count == 0, cfg)
 
   if cfg.refits_every_step:
     qs, ls = refit(qs, ls)  # no conditional (XLA runs it faster unwrapped)
   else:
     qs, ls = jax.lax.cond(do_refit, refit, lambda q, lips: (q, lips), qs, ls)
-  out = [
-      _apply_leaf(plan, f, m, g, cfg) for plan, f, m, g in zip(plans, qs, m_hat, grads, strict=True)
-  ]
+  out = _apply(qs, m_hat, grads, layout, plans, cfg)
   new_state = KronState(
       count=count_inc,
       key=jax.random.key_data(key),
       precond_acc=new_acc,
       mu=new_mu,
-      Qs=treedef.unflatten(qs),
-      Ls=treedef.unflatten(ls),
+      Qs=FactorGroups(qs, layout),
+      Ls=FactorGroups(ls, layout),
   )
-  return treedef.unflatten(out), new_state
+  return layout.treedef.unflatten(out), new_state
 
 
 def update(updates, state, params, obj_fn, cfg: KronConfig):
   """``(updates, new KronState)`` after checking the inputs against the state's plans."""
-  plans, treedef = check_inputs(updates, state, params, obj_fn, cfg)
+  layout, plans = check_inputs(updates, state, params, obj_fn, cfg)
   if any(_common.explicit_spec(g) is not None for g in jax.tree.leaves(updates)):
     # Explicit-axes mesh: run the step with the mesh axes switched to Auto, so XLA's SPMD
     # partitioner places the contractions (as under an Auto mesh: partial products and
@@ -148,8 +199,8 @@ def update(updates, state, params, obj_fn, cfg: KronConfig):
     # Inside, no array carries explicit axes, so the step's math needs no sharding names.
     typeof = lambda tree: jax.tree.map(lambda x: jax.typeof(x).sharding, tree)  # noqa: E731
     step = jax.sharding.auto_axes(
-        lambda u, s, p: _step(u, s, p, obj_fn, plans, treedef, cfg),
+        lambda u, s, p: _step(u, s, p, obj_fn, layout, plans, cfg),
         out_sharding=(typeof(updates), typeof(state)),
     )
     return step(updates, state, params)
-  return _step(updates, state, params, obj_fn, plans, treedef, cfg)
+  return _step(updates, state, params, obj_fn, layout, plans, cfg)

@@ -7,7 +7,7 @@ import optax
 from jax.sharding import NamedSharding, PartitionSpec
 
 from optax_rlx import _common
-from optax_rlx._kron_state import KronState
+from optax_rlx._kron_state import FactorGroups, KronState
 
 _OWNER = "state_sharding"
 
@@ -43,10 +43,16 @@ def state_sharding(tx: optax.GradientTransformation, params: Any, param_sharding
     the others. An Adafactor row statistic of a ``(rows, cols)`` param sharded
     ``P('data', 'model')`` is ``(rows, 1)`` and gets ``P('data', None)``: it keeps the sharding of
     the axis it runs along and drops the reduced one.
-  - **Kron factors** (``Qs``) and their Lipschitz estimates (``Ls``) are replicated: each factor is
-    at most ``max_size_dense``² (or a diagonal; bounded further by ``block_size``) and is used
-    whole by every shard. A *stacked* leaf's factors have a leading layer axis, which takes the
-    param's sharding of its layer axis (each device keeps the factors of its own layers).
+  - **Kron factors** (``Qs``) and their Lipschitz estimates (``Ls``) are stored by *factor
+    group*: every fitting unit (a leaf, a layer of a stacked leaf, a block) with the same factor
+    shapes and dtypes sits in one array with a leading group axis. That axis is sharded over
+    Kron's ``group_axes`` option (default: every axis of the params' mesh, in order), keeping
+    each axis only while the product of the kept axes' sizes divides the group's size; so each
+    device stores and refits its share of every group, and a group too small to divide (e.g. a
+    single embedding) is replicated. Pad groups with ``kron(..., group_multiple=n)`` to shard
+    them evenly over ``n`` devices. Units are ordered by leaf, then layer and block, so a stacked
+    leaf's layers (or a blocked leaf's row blocks) sharded like the param stay on the devices
+    holding them.
   - Everything else (counters, PRNG keys, injected hyperparameters, refit accumulators) is
     replicated.
 
@@ -60,7 +66,8 @@ def state_sharding(tx: optax.GradientTransformation, params: Any, param_sharding
     A pytree like ``tx.init(params)`` of ``NamedSharding``\ s.
 
   Raises:
-    ValueError: ``param_shardings`` does not match ``params``, or has no ``NamedSharding``.
+    ValueError: ``param_shardings`` does not match ``params``, or has no ``NamedSharding``, or
+      Kron's ``group_axes`` names an axis the mesh lacks.
 
   Example:
     >>> import jax, jax.numpy as jnp, optax_rlx
@@ -110,25 +117,20 @@ def state_sharding(tx: optax.GradientTransformation, params: Any, param_sharding
     ]
     return treedef.unflatten(out)
 
+  def factor_groups(groups):
+    layout = groups.layout
+    return FactorGroups(
+        [tuple(NamedSharding(mesh, _common.group_spec(group.size, len(x.shape),
+                                                      layout.group_axes, mesh, _OWNER))
+               for x in _common.as_tuple(arrays))
+         for group, arrays in zip(layout.groups, groups.groups, strict=True)],
+        layout,
+    )
+
   def kron(state: KronState):
-    qs = param_def.flatten_up_to(state.Qs)
-    ls = param_def.flatten_up_to(state.Ls)
-    out_q, out_l = [], []
-    for factors, lips, p, s in zip(qs, ls, param_leaves, sharding_leaves, strict=True):
-      # A leading axis of layers (stacked_layers) takes the param's layer-axis sharding; one of
-      # blocks (block_size) is replicated.
-      lead = next((lip.shape[0] for lip in lips if len(lip.shape) == 1), None)
-      stacked = lead is not None and len(p.shape) > 0 and lead == p.shape[0]
-      layer = _common.padded_spec(s.spec, len(p.shape))[0] if stacked else None
-
-      def lead_axis(x, layer=layer):
-        return NamedSharding(mesh, PartitionSpec(layer, *([None] * (len(x.shape) - 1))))
-
-      out_q.append(tuple(lead_axis(q) if stacked else replicated for q in factors))
-      out_l.append(tuple(lead_axis(lip) if stacked else replicated for lip in lips))
     return state._replace(
         count=replicated, key=replicated, precond_acc=replicated,
-        mu=assign(state.mu), Qs=param_def.unflatten(out_q), Ls=param_def.unflatten(out_l),
+        mu=assign(state.mu), Qs=factor_groups(state.Qs), Ls=factor_groups(state.Ls),
     )
 
   def assign(node):

@@ -84,6 +84,9 @@ def run(name):
   state = tx.init(params)
   for _ in range(STEPS):
     params, state = step(params, state)
+  # Kron's factors per leaf (``FactorGroups.by_leaf``), so records name them by param.
+  is_groups = lambda x: isinstance(x, optax_rlx.FactorGroups)  # noqa: E731
+  state = jax.tree.map(lambda x: x.by_leaf() if is_groups(x) else x, state, is_leaf=is_groups)
   flat = jax.tree_util.tree_flatten_with_path((params, state))[0]
   return {jax.tree_util.keystr(p): np.asarray(x) for p, x in flat}
 

@@ -202,7 +202,7 @@ def test_nnx_scanned_layers_get_per_layer_state(name):
   assert losses[-1] < 0.8 * losses[0]
   state = nnx.as_pure(optimizer.opt_state)[0]
   if name == "kron":
-    factors = jax.tree.leaves(state.Qs["layers"]["kernel"])
+    factors = jax.tree.leaves(state.Qs.by_leaf()["layers"]["kernel"])
     assert [np.shape(q) for q in factors] == [(4, 8, 8), (4, 8, 8)]
     # Each layer's factors moved on their own: they differ from layer to layer.
     q = np.asarray(factors[0])

@@ -27,7 +27,7 @@ def _rotated(rng, n, cond):
 
 
 def _factors(state):
-  qs = state.Qs
+  qs = state.Qs.by_leaf()
   return tuple(q.astype(jnp.float32) for q in qs), tuple(q.ndim == 2 for q in qs)
 
 
@@ -50,7 +50,7 @@ def _side_condition(u):
 @pytest.mark.parametrize("shape", [(24, 12), (12, 24), (64, 32), (6, 5, 4), (3, 3, 16, 32)])
 def test_default_structure_is_dense_on_every_axis_of_small_tensors(shape):
   state = optax_rlx.scale_by_kron().init(jnp.zeros(shape))
-  assert [q.shape for q in state.Qs] == [(d, d) for d in shape]
+  assert [q.shape for q in state.Qs.by_leaf()] == [(d, d) for d in shape]
 
 
 @pytest.mark.parametrize("shape, expected", [
@@ -60,7 +60,7 @@ def test_default_structure_is_dense_on_every_axis_of_small_tensors(shape):
 ])
 def test_default_structure_keeps_long_skewed_axes_diagonal(shape, expected):
   state = optax_rlx.scale_by_kron().init(jax.ShapeDtypeStruct(shape, jnp.float32))
-  assert [q.shape for q in jax.eval_shape(lambda: state).Qs] == expected
+  assert [q.shape for q in jax.eval_shape(lambda: state).Qs.by_leaf()] == expected
 
 
 def test_default_structure_keeps_gpt2_small_state_below_adams():
@@ -179,7 +179,7 @@ def test_rank_deficient_dense_factors_are_solved_by_every_geometry(geometry, lr)
   tx = optax_rlx.kron(optax.cosine_decay_schedule(lr, 3000), geometry=geometry,
                       max_skew_dense=math.inf)
   losses, _, state = _train(lambda p: jnp.mean(_rosenbrock(p)), p0, tx, 3000)
-  assert state[0].Qs[1].shape == (64, 64)
+  assert state[0].Qs.by_leaf()[1].shape == (64, 64)
   assert losses[-1] < 1e-8, losses[-1]
 
 
