@@ -4,8 +4,7 @@ On ``--devices`` simulated CPU devices (default 8; JAX is started with
 ``XLA_FLAGS=--xla_force_host_platform_device_count=N``), params are sharded FSDP-style (each
 array's first axis divisible by the device count over ``'data'``, else its next such axis) and the
 state is laid out by ``optax_rlx.state_sharding``. The jitted ``kron`` update (refit every step,
-``precond_update_prob=1``) is compiled under ``jax.set_mesh`` for meshes of 1, 2, 4, … devices
-and XLA's compiled cost
+``precond_update_prob=1``) is compiled for meshes of 1, 2, 4, … devices and XLA's compiled cost
 and memory analyses give, per device, as fractions of the unsharded (one-device) step:
 
 - flops, and bytes accessed;
@@ -118,8 +117,7 @@ def measure(params, options, n):
                        jax.eval_shape(tx.init, params), state_sh)
   step = jax.jit(tx.update, in_shardings=(shardings, state_sh, shardings),
                  out_shardings=(shardings, state_sh))
-  with jax.set_mesh(mesh):  # the update pins each factor group's inputs to the group layout
-    compiled = step.lower(sharded, state, sharded).compile()
+  compiled = step.lower(sharded, state, sharded).compile()
   hlo = compiled.as_text()
   comms = {op: hlo.count(f" {op}(") for op in ("all-gather", "all-to-all", "all-reduce",
                                                 "collective-permute")}

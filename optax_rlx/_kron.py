@@ -172,8 +172,8 @@ def scale_by_kron(
     group_axes: mesh axis name(s) the factor groups' leading axis is sharded over; None means
       every axis of the mesh. Each group keeps the axes, in order, while the product of their
       sizes divides the group's size (replicated if none does), so each device stores and
-      refits its share (:func:`optax_rlx.state_sharding`). Under a mesh set with
-      ``jax.set_mesh`` the update also pins the stacked inputs of each group to that layout.
+      refits its share (:func:`optax_rlx.state_sharding`; XLA moves the gradients to the
+      factors and the updates back, O(params) bytes).
     key: int seed or JAX PRNG key for the probes; stored in the state and split every step.
 
   Returns:

@@ -69,26 +69,12 @@ def _unit_inputs(plan, h, v, key):
   return h_units, v_units, noise
 
 
-def _pin(x, group, layout):
-  """``x`` (leading group axis) constrained to the group's sharded layout when a mesh is set
-  (``jax.set_mesh``); as is otherwise, left to XLA's propagation from the state's sharding."""
-  mesh = jax.sharding.get_abstract_mesh()
-  if mesh.empty or mesh.size == 1:
-    return x
-  spec = _common.group_spec(group.size, x.ndim, layout.group_axes, mesh)
-  if not tuple(spec):  # a replicated group: XLA partitions its work along the param's layout
-    return x
-  if any(t == jax.sharding.AxisType.Explicit for t in mesh.axis_types):
-    return x  # explicit axes (replicated inputs): the layout is part of the types
-  return jax.lax.with_sharding_constraint(x, spec)
-
-
-def _stack(group, pieces, layout):
+def _stack(group, pieces):
   """One group's units from its leaves' ``pieces``, zero-padded to the group's size."""
   pad = group.size - group.units
   if pad:
     pieces = [*pieces, jnp.zeros((pad, *pieces[0].shape[1:]), pieces[0].dtype)]
-  return _pin(pieces[0] if len(pieces) == 1 else jnp.concatenate(pieces), group, layout)
+  return pieces[0] if len(pieces) == 1 else jnp.concatenate(pieces)
 
 
 def _members(layout):
@@ -99,13 +85,13 @@ def _members(layout):
   return members
 
 
-def _refit_group(group, factors, lips, inputs, lr, first_step, layout, cfg: KronConfig):
+def _refit_group(group, factors, lips, inputs, lr, first_step, cfg: KronConfig):
   """One fitting step of every unit of a group (one vmapped call), in float32 or wider."""
   if not group.units or 0 in group.block_shape:  # nothing to fit
     return factors, lips
-  h = _stack(group, [x[0] for x in inputs], layout)
-  v = None if inputs[0][1] is None else _stack(group, [x[1] for x in inputs], layout)
-  noise = _stack(group, [x[2] for x in inputs], layout)
+  h = _stack(group, [x[0] for x in inputs])
+  v = None if inputs[0][1] is None else _stack(group, [x[1] for x in inputs])
+  noise = _stack(group, [x[2] for x in inputs])
   wide = numerics.cast_factors(factors, group.dense, h.dtype)
 
   def fit(f, lp, hh, vv, nn):
@@ -126,7 +112,7 @@ def _refit(qs, ls, key, fit_targets, params, obj_fn, layout, plans, lr, first_st
       for plan, h, v, k in zip(plans, targets, probes, keys[:n], strict=True)
   ]
   out = [
-      _refit_group(group, f, lp, [inputs[i] for i in idx], lr, first_step, layout, cfg)
+      _refit_group(group, f, lp, [inputs[i] for i in idx], lr, first_step, cfg)
       for group, f, lp, idx in zip(layout.groups, qs, ls, _members(layout), strict=True)
   ]
   return [f for f, _ in out], [lp for _, lp in out]
@@ -139,8 +125,7 @@ def _apply(qs, m_hat, grads, layout, plans, cfg: KronConfig):
     if 0 in group.block_shape:
       continue
     compute = _common.stats_dtype(m_hat[idx[0]].dtype)
-    m = _stack(group, [planning.to_units(m_hat[i].astype(compute), plans[i]) for i in idx],
-               layout)
+    m = _stack(group, [planning.to_units(m_hat[i].astype(compute), plans[i]) for i in idx])
 
     def apply(f, x, dense=group.dense):
       u = numerics.precondition(numerics.cast_factors(f, dense, x.dtype), x, dense)

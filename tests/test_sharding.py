@@ -274,7 +274,7 @@ GROUP_SCRIPT = textwrap.dedent(
         for _ in range(3):
           u, plain = plain_step(jax.grad(loss)(params), plain, params)
           u_plain.append(u)
-        with jax.set_mesh(mesh):  # lets the update pin each group's stacked inputs to its layout
+        with jax.set_mesh(mesh):  # as users run it; the layout comes from the shardings
           state = jax.jit(tx.init, out_shardings=state_sh)(sharded)
           step = jax.jit(update, in_shardings=(shardings, state_sh, shardings),
                          out_shardings=(shardings, state_sh))
