@@ -94,7 +94,7 @@ class FactorGroups:
 
   __slots__ = ("groups", "layout")
 
-  def __init__(self, groups, layout: GroupLayout):
+  def __init__(self, groups, layout):
     self.groups = tuple(groups)
     self.layout = layout
 
