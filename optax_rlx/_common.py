@@ -157,16 +157,6 @@ def explicit_spec(x: Any) -> tuple[Any, ...] | None:
   return padded_spec(spec, len(x.shape))
 
 
-def spec_axis_names(spec: Any) -> set[str]:
-  """The mesh axis names a PartitionSpec uses (entries may be names, tuples of names or None)."""
-  names = set()
-  for entry in tuple(spec):
-    if entry is None:
-      continue
-    names.update(entry if isinstance(entry, tuple) else (entry,))
-  return names
-
-
 def divisible_axes(size: int, axes: Sequence[str], axis_sizes: Mapping[str, int]) -> tuple:
   """``axes`` in order, each kept while the product of the kept axes' sizes divides ``size``:
   the mesh axes an axis of length ``size`` can be sharded over evenly."""
@@ -201,29 +191,25 @@ def lead_spec(axes: tuple, ndim: int) -> jax.sharding.PartitionSpec:
   return jax.sharding.PartitionSpec(first, *([None] * (ndim - 1)))
 
 
-def layout_like(x: jax.Array, param: Any, lead: bool = False) -> jax.Array:
+def layout_like(x: jax.Array, param: Any) -> jax.Array:
   """``x`` resharded like ``param`` under an explicit-axes mesh; ``x`` itself otherwise.
 
   Axes of ``x`` with the same size as the param's keep its sharding (when the ranks agree),
-  others are replicated; with ``lead=True`` only the leading (layer) axis takes the param's
-  sharding.
+  others are replicated.
   """
   entries = explicit_spec(param)
   shape = tuple(x.shape)
   if entries is None or not shape:
     return x
-  if lead:
-    spec = (entries[0],) + (None,) * (len(shape) - 1)
-  else:
-    spec = spec_along_param(entries, shape, tuple(param.shape))
+  spec = spec_along_param(entries, shape, tuple(param.shape))
   if spec is None or all(e is None for e in spec):
     return x
   return jax.sharding.reshard(x, jax.sharding.PartitionSpec(*spec))
 
 
-def zeros_like_layout(shape: tuple[int, ...], dtype: Any, param: Any, lead: bool = False):
+def zeros_like_layout(shape: tuple[int, ...], dtype: Any, param: Any):
   """``jnp.zeros(shape, dtype)`` laid out like ``param`` (see :func:`layout_like`)."""
-  return layout_like(jnp.zeros(shape, dtype), param, lead)
+  return layout_like(jnp.zeros(shape, dtype), param)
 
 
 def _is_variable(x: Any) -> bool:

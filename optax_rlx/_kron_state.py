@@ -169,7 +169,7 @@ def _init_group(group: planning.FactorGroup, cfg: KronConfig):
 
 def _explicit_layout(per_group, layout: GroupLayout, params):
   """Under an explicit-axes mesh, each group's arrays sharded along the group axis as
-  :func:`optax_rlx.state_sharding` lays them out (default ``group_axes``); as is otherwise."""
+  :func:`optax_rlx.state_sharding` lays them out (``layout.group_axes``); as is otherwise."""
   specs = [_common.explicit_spec(p) for p in params]
   if all(spec is None for spec in specs):
     return per_group
@@ -207,29 +207,25 @@ def init_state(params, cfg: KronConfig) -> KronState:
   )
 
 
-def _check_layout(state_layout, layout: GroupLayout, plans, paths) -> None:
-  """Raises ``ValueError`` naming the first leaf whose factors the state lays out differently."""
+def _leaf_factor_shapes(layout: GroupLayout, i: int) -> tuple[tuple[int, ...], ...]:
+  """Leaf ``i``'s factor shapes in ``layout`` (as ``LeafPlan.factor_shapes`` gives them)."""
+  slot = layout.slots[i]
+  lead = (slot.count,) if layout.batched[i] else ()
+  return tuple(lead + s[1:] for s in layout.groups[slot.group].factor_shapes)
+
+
+def _check_layout(state_layout: GroupLayout, layout: GroupLayout, plans, paths) -> None:
+  """Raises ``ValueError`` naming the first leaf whose factors the state shapes differently,
+  or the options that change a layout without changing any leaf's factor shapes."""
   if state_layout == layout:
     return
-  def shapes(lay, i):
-    slot = lay.slots[i]
-    group = lay.groups[slot.group]
-    lead = (slot.count,) if lay.batched[i] else ()
-    return tuple(lead + s[1:] for s in group.factor_shapes), group.dtypes
-  theirs = getattr(state_layout, "slots", ())
   for i, (plan, path) in enumerate(zip(plans, paths, strict=True)):
-    if i >= len(theirs) or shapes(state_layout, i) != shapes(layout, i):
-      have = shapes(state_layout, i)[0] if i < len(theirs) else "none"
-      raise ValueError(
-          f"{OWNER}: leaf {path} has gradient shape {plan.leaf_shape}, which needs "
-          f"preconditioner factors {shapes(layout, i)[0]} "
-          f"({', '.join(shapes(layout, i)[1])}); the state has {have}. Was the state made by "
-          f"this optimizer's init for these params?"
-      )
+    planning.check_factor_shapes(plan, _leaf_factor_shapes(state_layout, i), path)
   raise ValueError(
-      f"{OWNER}: the state's factor groups ({len(state_layout.groups)}) do not match the "
-      f"layout of these updates ({len(layout.groups)}); was it made with another "
-      f"`group_multiple`?"
+      f"{OWNER}: the state's factor groups (sizes {[g.size for g in state_layout.groups]}, "
+      f"sharded over {state_layout.group_axes}) do not match these updates' layout (sizes "
+      f"{[g.size for g in layout.groups]}, sharded over {layout.group_axes}); was it made with "
+      f"another `group_multiple`, `group_axes` or `precond_dtype`?"
   )
 
 
@@ -239,15 +235,14 @@ def check_inputs(updates, state, params, obj_fn, cfg: KronConfig):
   if not isinstance(state, KronState):
     raise ValueError(f"{OWNER}: expected a KronState, got {type(state).__name__}.")
   _common.check_inexact_leaves(OWNER, updates, "the updates")
-  if not jax.tree.leaves(updates) and not jax.tree.leaves(state.Qs):
-    return group_layout(updates, cfg)
-  if not isinstance(state.Qs, FactorGroups):
+  # No leaves: init kept the (empty) params tree as `Qs`, there is no layout to compare.
+  empty = not jax.tree.leaves(updates) and not jax.tree.leaves(state.Qs)
+  if not empty and not isinstance(state.Qs, FactorGroups):
     raise ValueError(
         f"{OWNER}: the state's `Qs` is a {type(state.Qs).__name__}, not the FactorGroups "
         f"that init makes."
     )
-  treedef = jax.tree.structure(updates)
-  if state.Qs.layout.treedef != treedef:
+  if not empty and state.Qs.layout.treedef != jax.tree.structure(updates):
     _common.check_same_structure(
         OWNER, state.Qs.layout.treedef.unflatten([0] * state.Qs.layout.treedef.num_leaves),
         "the optimizer state", updates, "the updates",
@@ -255,8 +250,9 @@ def check_inputs(updates, state, params, obj_fn, cfg: KronConfig):
   if params is not None:
     _common.check_same_shapes(OWNER, params, "the params", updates, "the updates")
   layout, plans = group_layout(updates, cfg)
-  paths = [_common.path_str(p) for p, _ in jax.tree_util.tree_flatten_with_path(updates)[0]]
-  _check_layout(state.Qs.layout, layout, plans, paths)
+  if not empty:
+    paths = [_common.path_str(p) for p, _ in jax.tree_util.tree_flatten_with_path(updates)[0]]
+    _check_layout(state.Qs.layout, layout, plans, paths)
   if cfg.criterion == "newton":
     if obj_fn is None:
       raise ValueError(

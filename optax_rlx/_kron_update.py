@@ -87,7 +87,7 @@ def _members(layout):
 
 def _refit_group(group, factors, lips, inputs, lr, first_step, cfg: KronConfig):
   """One fitting step of every unit of a group (one vmapped call), in float32 or wider."""
-  if not group.units or 0 in group.block_shape:  # nothing to fit
+  if 0 in group.block_shape:  # empty units: nothing to fit
     return factors, lips
   h = _stack(group, [x[0] for x in inputs])
   v = None if inputs[0][1] is None else _stack(group, [x[1] for x in inputs])
