@@ -57,6 +57,7 @@ def scale_by_kron(
     stacked_layers: Any = None,
     group_multiple: int | None = None,
     group_axes: str | tuple[str, ...] | None = None,
+    cache_precond: bool | None = None,
     key: int | jax.Array = 0,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Preconditions updates with Li's Kronecker-factored PSGD preconditioner.
@@ -174,6 +175,11 @@ def scale_by_kron(
       sizes divides the group's size (replicated if none does), so each device stores and
       refits its share (:func:`optax_rlx.state_sharding`; XLA moves the gradients to the
       factors and the updates back, O(params) bytes).
+    cache_precond: store :math:`P_i = Q_i^H Q_i` (``KronState.Ps``, as much memory again as
+      the factors), recomputed only at refits, so the steps between refits apply :math:`P` with
+      one matmul per dense factor instead of two (or instead of forming :math:`Q_i^H Q_i`).
+      None (default) caches unless ``precond_update_prob`` is a constant 1, where every step
+      refits and a cache would only cost memory.
     key: int seed or JAX PRNG key for the probes; stored in the state and split every step.
 
   Returns:
@@ -225,6 +231,7 @@ def scale_by_kron(
       stacked_layers=stacked_layers,
       group_multiple=group_multiple,
       group_axes=group_axes,
+      cache_precond=cache_precond,
       key=key,
   )
 
@@ -263,6 +270,7 @@ def kron(
     stacked_layers: Any = None,
     group_multiple: int | None = None,
     group_axes: str | tuple[str, ...] | None = None,
+    cache_precond: bool | None = None,
     key: int | jax.Array = 0,
 ) -> optax.GradientTransformationExtraArgs:
   r"""The Kron-PSGD optimizer: :func:`scale_by_kron`, decoupled weight decay, learning rate.
@@ -302,6 +310,7 @@ def kron(
       ``optax.inject_hyperparams`` when it is a callable).
     group_multiple: see :func:`scale_by_kron`.
     group_axes: see :func:`scale_by_kron`.
+    cache_precond: see :func:`scale_by_kron`.
     key: see :func:`scale_by_kron`.
 
   Returns:
@@ -359,6 +368,7 @@ def kron(
           stacked_layers=stacked_layers,
           group_multiple=group_multiple,
           group_axes=group_axes,
+          cache_precond=cache_precond,
           key=key,
       )
   ]

@@ -80,6 +80,7 @@ class KronConfig:
   stacked_layers: Any
   group_multiple: int
   group_axes: tuple[str, ...] | None
+  cache_precond: bool  # resolved: None means "unless the refit runs every step"
   key_data: Any  # raw uint32 key data (NumPy when concrete)
 
   @property
@@ -201,11 +202,17 @@ def make_config(**options) -> KronConfig:
   _common.check_float_dtype(OWNER, "precond_dtype", options["precond_dtype"])
   key_data = as_key_data(options["key"])
   prob = options["precond_update_prob"]
+  update_prob = precond_update_prob_schedule() if prob is None else prob
+  cache = options["cache_precond"]
+  if cache is None:  # a cache pays on the steps without a refit; with none it only costs memory
+    cache = not (isinstance(update_prob, int | float) and update_prob >= 1.0)
+  else:
+    _common.check_bool(OWNER, "cache_precond", cache)
   return KronConfig(
       b1=options["b1"],
       nesterov=options["nesterov"],
       precond_lr=options["precond_lr"],
-      update_prob=precond_update_prob_schedule() if prob is None else prob,
+      update_prob=update_prob,
       init_scale=options["precond_init_scale"],
       criterion=options["criterion"],
       fit_on=options["precond_fit_on"],
@@ -222,5 +229,6 @@ def make_config(**options) -> KronConfig:
       stacked_layers=options["stacked_layers"],
       group_multiple=_static_int_or("group_multiple", options["group_multiple"], 1, low=1),
       group_axes=_group_axes(options["group_axes"]),
+      cache_precond=bool(cache),
       key_data=key_data,
   )

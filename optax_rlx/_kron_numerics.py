@@ -109,6 +109,18 @@ def precondition(factors, x, dense):
   return x
 
 
+def precond_factors(factors, dense):
+  """Per axis the factor of ``P = P_1 ⊗ ... ⊗ P_r``: ``P_i = Q_iᴴ Q_i`` (dense) or ``q_i²``."""
+  return tuple(_ct(q) @ q if d else q * q for q, d in zip(factors, dense, strict=True))
+
+
+def apply_precond(precond, x, dense):
+  """``P x`` from the factors of :func:`precond_factors` (``2 n · numel`` flops per dense one)."""
+  for axis, (p, is_dense) in enumerate(zip(precond, dense, strict=True)):
+    x = apply_on_axis(p, x, axis, is_dense)
+  return x
+
+
 def pow2_exponent(x):
   """The int32 ``e`` with ``max|x| < 2^e <= 2 max|x|`` (0 when ``x`` is all zero or not finite).
 
@@ -398,8 +410,11 @@ def initial_scale(h, v):
   return jnp.where(ok & jnp.isfinite(scale) & (scale > 0), scale, 1.0)
 
 
-def fitting_pair(factors, h, v, noise, dense, options):
+def fitting_pair(factors, h, v, noise, dense, options, precond=None):
   """``(A, B)`` of the fitting step; ``B`` None when ``E[v vᵀ] = I`` is integrated out.
+
+  ``precond``: the factors' :func:`precond_factors` when cached (procrustes then applies them
+  instead of recomputing ``Q_iᴴ Q_i``), else None.
 
   ``h`` is damped to ``h + (damping · RMS(h) + ε|h|) noise`` (``damping`` alone when
   ``h = 0``), so the damping is scale-free: ``P ⪯ I / (damping · RMS(h))``. Triangular:
@@ -411,6 +426,8 @@ def fitting_pair(factors, h, v, noise, dense, options):
   level = options.damping * jnp.where(h_rms > 0, h_rms, 1.0)
   damped = h + (level + eps * jnp.abs(h)) * noise
   if options.geometry != "triangular":
+    if precond is not None:
+      return apply_precond(precond, damped, dense), v
     return precondition(factors, damped, dense), v
   a, b = damped, noise if v is None else v
   for axis, (q, is_dense) in enumerate(zip(factors, dense, strict=True)):
@@ -420,7 +437,7 @@ def fitting_pair(factors, h, v, noise, dense, options):
   return a, b
 
 
-def fit_factors(factors, lips, h, v, noise, lr, first_step, dense, options):
+def fit_factors(factors, lips, h, v, noise, lr, first_step, dense, options, precond=None):
   """One Lie-group step of every factor of one fitting unit.
 
   Args:
@@ -433,6 +450,7 @@ def fit_factors(factors, lips, h, v, noise, lr, first_step, dense, options):
     first_step: bool scalar; with ``options.auto_init`` the factors are first rescaled.
     dense: per axis, whether its factor is dense.
     options: a :class:`FitOptions`.
+    precond: the factors' cached :func:`precond_factors`, or None.
 
   Returns:
     The new factors (rebalanced) and Lipschitz estimates.
@@ -440,7 +458,9 @@ def fit_factors(factors, lips, h, v, noise, lr, first_step, dense, options):
   if options.auto_init:
     scale = jnp.where(first_step, initial_scale(h, v), 1.0) ** (1.0 / len(factors))
     factors = tuple(q * scale.astype(q.dtype) for q in factors)
-  a, b = fitting_pair(factors, h, v, noise, dense, options)
+    if precond is not None:  # (s Q_i)ᴴ (s Q_i) = s² Q_iᴴ Q_i, s real
+      precond = tuple(p * jnp.square(scale).astype(p.dtype) for p in precond)
+  a, b = fitting_pair(factors, h, v, noise, dense, options, precond)
   # The pair divided by a power of two 2^e >= its largest entry (>= 1 when B = I is integrated
   # out): the Gram terms cannot overflow, and every step sees them scaled by exactly 4^-e.
   exponent = pow2_exponent(a) if b is None else jnp.maximum(pow2_exponent(a), pow2_exponent(b))

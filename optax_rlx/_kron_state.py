@@ -38,6 +38,9 @@ class KronState(NamedTuple):
     Qs: :class:`FactorGroups` of the factors, in ``precond_dtype``.
     Ls: :class:`FactorGroups` like ``Qs`` with one float32 per unit and factor: each factor's
       Lipschitz estimate normalising its fitting step.
+    Ps: with ``cache_precond``, :class:`FactorGroups` like ``Qs`` holding ``P_i = Q_iᴴ Q_i``
+      (dense) or ``q_i²`` (diagonal), recomputed at each refit, so steps without one apply
+      ``P`` with one matmul per dense factor; ``()`` without the cache.
   """
 
   count: jax.Array
@@ -46,6 +49,7 @@ class KronState(NamedTuple):
   mu: optax.Updates
   Qs: Any
   Ls: Any
+  Ps: Any = ()
 
 
 
@@ -152,19 +156,26 @@ def group_layout(tree, cfg: KronConfig) -> tuple[GroupLayout, list[planning.Leaf
   return layout, plans
 
 
-def _init_group(group: planning.FactorGroup, cfg: KronConfig):
-  """Factors ``s^(1/r) I`` (dense) or ``s^(1/r) 1`` (diagonal) per unit, zero estimates."""
-  scale = 1.0 if cfg.init_scale is None else cfg.init_scale
-  per_factor = jnp.asarray(scale, jnp.float32) ** (1.0 / len(group.block_shape))
-  factors = tuple(
+def _scaled_identities(group: planning.FactorGroup, per_factor):
+  """Per axis ``per_factor · I`` (dense) or ``per_factor · 1`` (diagonal) for every unit."""
+  return tuple(
       jnp.broadcast_to(per_factor * (jnp.eye(d) if is_dense else jnp.ones(d)),
                        shape).astype(dtype)
       for d, is_dense, shape, dtype in zip(
           group.block_shape, group.dense, group.factor_shapes,
           group.dtypes[:len(group.block_shape)], strict=True)
   )
+
+
+def _init_group(group: planning.FactorGroup, cfg: KronConfig):
+  """Factors ``s^(1/r) I`` (dense) or ``s^(1/r) 1`` (diagonal) per unit, zero estimates, and
+  (with ``cache_precond``) their ``P_i = s^(2/r) I``, else ``()``."""
+  scale = 1.0 if cfg.init_scale is None else cfg.init_scale
+  per_factor = jnp.asarray(scale, jnp.float32) ** (1.0 / len(group.block_shape))
+  factors = _scaled_identities(group, per_factor)
   lips = tuple(jnp.zeros((group.size,), jnp.float32) for _ in group.block_shape)
-  return factors, lips
+  precond = _scaled_identities(group, per_factor**2) if cfg.cache_precond else ()
+  return factors, lips, precond
 
 
 def _explicit_layout(per_group, layout: GroupLayout, params):
@@ -191,12 +202,14 @@ def init_state(params, cfg: KronConfig) -> KronState:
   layout, _ = group_layout(params, cfg)
   per_group = [_init_group(group, cfg) for group in layout.groups]
   per_group = _explicit_layout(per_group, layout, jax.tree.leaves(params))
-  qs = FactorGroups([factors for factors, _ in per_group], layout)
-  ls = FactorGroups([lips for _, lips in per_group], layout)
+  qs = FactorGroups([factors for factors, _, _ in per_group], layout)
+  ls = FactorGroups([lips for _, lips, _ in per_group], layout)
+  ps = FactorGroups([p for _, _, p in per_group], layout) if cfg.cache_precond else ()
   if layout.treedef.num_leaves == 0:
     # No leaves, no factors: the empty params tree itself, as every params-like part of an
     # optax state (so `optax.tree.map_params`' placeholder init lines up with real states).
     qs = ls = params
+    ps = params if cfg.cache_precond else ()
   return KronState(
       count=jnp.zeros([], jnp.int32),
       key=jnp.asarray(cfg.key_data),
@@ -204,6 +217,7 @@ def init_state(params, cfg: KronConfig) -> KronState:
       mu=mu,
       Qs=qs,
       Ls=ls,
+      Ps=ps,
   )
 
 
@@ -241,6 +255,12 @@ def check_inputs(updates, state, params, obj_fn, cfg: KronConfig):
     raise ValueError(
         f"{OWNER}: the state's `Qs` is a {type(state.Qs).__name__}, not the FactorGroups "
         f"that init makes."
+    )
+  if not empty and cfg.cache_precond != isinstance(state.Ps, FactorGroups):
+    have = "has" if isinstance(state.Ps, FactorGroups) else "has no"
+    raise ValueError(
+        f"{OWNER}: the state {have} cached preconditioner factors (`Ps`) but this transform "
+        f"has cache_precond={cfg.cache_precond}; init and update with the same options."
     )
   if not empty and state.Qs.layout.treedef != jax.tree.structure(updates):
     _common.check_same_structure(

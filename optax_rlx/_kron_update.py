@@ -85,25 +85,39 @@ def _members(layout):
   return members
 
 
-def _refit_group(group, factors, lips, inputs, lr, first_step, cfg: KronConfig):
-  """One fitting step of every unit of a group (one vmapped call), in float32 or wider."""
+def _refit_group(group, factors, lips, precond, inputs, lr, first_step, cfg: KronConfig):
+  """One fitting step of every unit of a group (one vmapped call), in float32 or wider:
+  the new factors, Lipschitz estimates and (with ``cache_precond``) ``P_i`` of the stored
+  factors, else ``()``."""
   if 0 in group.block_shape:  # empty units: nothing to fit
-    return factors, lips
+    return factors, lips, precond
   h = _stack(group, [x[0] for x in inputs])
   v = None if inputs[0][1] is None else _stack(group, [x[1] for x in inputs])
   noise = _stack(group, [x[2] for x in inputs])
   wide = numerics.cast_factors(factors, group.dense, h.dtype)
+  old_p = numerics.cast_factors(precond, group.dense, h.dtype) if precond else None
+  # Only procrustes uses P in its fit; triangular would leave the cache unread there.
+  use_p = old_p is not None and cfg.fit.geometry != "triangular"
 
-  def fit(f, lp, hh, vv, nn):
-    return numerics.fit_factors(f, lp, hh, vv, nn, lr, first_step, group.dense, cfg.fit)
+  def fit(f, lp, p, hh, vv, nn):
+    new_f, new_l = numerics.fit_factors(f, lp, hh, vv, nn, lr, first_step, group.dense,
+                                        cfg.fit, p if use_p else None)
+    stored = tuple(q.astype(o.dtype) for q, o in zip(new_f, factors, strict=True))
+    if not precond:
+      return stored, new_l, ()
+    # P of the factors as stored (rounded to precond_dtype), so Ps is a function of Qs.
+    new_p = numerics.precond_factors(numerics.cast_factors(stored, group.dense, hh.dtype),
+                                     group.dense)
+    return stored, new_l, tuple(x.astype(o.dtype) for x, o in zip(new_p, precond, strict=True))
 
-  new_f, new_l = jax.vmap(fit, in_axes=(0, 0, 0, None if v is None else 0, 0))(
-      wide, lips, h, v, noise)
-  return tuple(q.astype(old.dtype) for q, old in zip(new_f, factors, strict=True)), tuple(new_l)
+  in_axes = (0, 0, 0 if precond else None, 0, None if v is None else 0, 0)
+  new_f, new_l, new_p = jax.vmap(fit, in_axes=in_axes)(wide, lips, old_p, h, v, noise)
+  return tuple(new_f), tuple(new_l), tuple(new_p)
 
 
-def _refit(qs, ls, key, fit_targets, params, obj_fn, layout, plans, lr, first_step, cfg):
-  """New factors and Lipschitz estimates of every group after one fitting step."""
+def _refit(qs, ls, ps, key, fit_targets, params, obj_fn, layout, plans, lr, first_step, cfg):
+  """New factors, Lipschitz estimates and cached ``P_i`` of every group after one fitting
+  step."""
   n = len(plans)
   keys = jax.random.split(key, 2 * n)
   targets, probes = _fitting_pairs(keys[n:], fit_targets, params, obj_fn, layout.treedef, cfg)
@@ -112,26 +126,31 @@ def _refit(qs, ls, key, fit_targets, params, obj_fn, layout, plans, lr, first_st
       for plan, h, v, k in zip(plans, targets, probes, keys[:n], strict=True)
   ]
   out = [
-      _refit_group(group, f, lp, [inputs[i] for i in idx], lr, first_step, cfg)
-      for group, f, lp, idx in zip(layout.groups, qs, ls, _members(layout), strict=True)
+      _refit_group(group, f, lp, p, [inputs[i] for i in idx], lr, first_step, cfg)
+      for group, f, lp, p, idx in zip(layout.groups, qs, ls, ps, _members(layout), strict=True)
   ]
-  return [f for f, _ in out], [lp for _, lp in out]
+  return tuple([x[k] for x in out] for k in range(3))
 
 
-def _apply(qs, m_hat, grads, layout, plans, cfg: KronConfig):
-  """``P m̂`` clipped by RMS per unit, per leaf in the leaf's shape and the gradient's dtype."""
+def _apply(qs, ps, m_hat, grads, layout, plans, cfg: KronConfig):
+  """``P m̂`` clipped by RMS per unit, per leaf in the leaf's shape and the gradient's dtype;
+  from the cached ``P_i`` (``ps``) where there are any, else from the factors."""
   out = [jnp.zeros_like(g) for g in grads]
-  for group, factors, idx in zip(layout.groups, qs, _members(layout), strict=True):
+  for group, factors, precond, idx in zip(layout.groups, qs, ps, _members(layout), strict=True):
     if 0 in group.block_shape:
       continue
     compute = _common.stats_dtype(m_hat[idx[0]].dtype)
     m = _stack(group, [planning.to_units(m_hat[i].astype(compute), plans[i]) for i in idx])
 
-    def apply(f, x, dense=group.dense):
-      u = numerics.precondition(numerics.cast_factors(f, dense, x.dtype), x, dense)
+    def apply(f, x, dense=group.dense, cached=bool(precond)):
+      wide = numerics.cast_factors(f, dense, x.dtype)
+      if cached:
+        u = numerics.apply_precond(wide, x, dense)
+      else:
+        u = numerics.precondition(wide, x, dense)
       return numerics.clip_by_rms(u, cfg.update_clip)
 
-    u = jax.vmap(apply)(factors, m)
+    u = jax.vmap(apply)(precond if precond else factors, m)
     for i in idx:
       slot = layout.slots[i]
       unit = u[slot.start:slot.start + slot.count]
@@ -153,16 +172,20 @@ def _step(updates, state, params, obj_fn, layout, plans, cfg: KronConfig):
                                    precond_acc=new_acc, mu=new_mu)
   qs = [_common.as_tuple(g) for g in state.Qs.groups]
   ls = [_common.as_tuple(g) for g in state.Ls.groups]
+  if cfg.cache_precond:
+    ps = [_common.as_tuple(g) for g in state.Ps.groups]
+  else:
+    ps = [()] * len(layout.groups)
 
-  def refit(qs, ls):
-    return _refit(qs, ls, refit_key, fit_targets, params, obj_fn, layout, plans, lr,
+  def refit(qs, ls, ps):
+    return _refit(qs, ls, ps, refit_key, fit_targets, params, obj_fn, layout, plans, lr,
                   state.count == 0, cfg)
 
   if cfg.refits_every_step:
-    qs, ls = refit(qs, ls)  # no conditional (XLA runs it faster unwrapped)
+    qs, ls, ps = refit(qs, ls, ps)  # no conditional (XLA runs it faster unwrapped)
   else:
-    qs, ls = jax.lax.cond(do_refit, refit, lambda q, lips: (q, lips), qs, ls)
-  out = _apply(qs, m_hat, grads, layout, plans, cfg)
+    qs, ls, ps = jax.lax.cond(do_refit, refit, lambda *x: x, qs, ls, ps)
+  out = _apply(qs, ps, m_hat, grads, layout, plans, cfg)
   new_state = KronState(
       count=count_inc,
       key=jax.random.key_data(key),
@@ -170,6 +193,7 @@ def _step(updates, state, params, obj_fn, layout, plans, cfg: KronConfig):
       mu=new_mu,
       Qs=FactorGroups(qs, layout),
       Ls=FactorGroups(ls, layout),
+      Ps=FactorGroups(ps, layout) if cfg.cache_precond else (),
   )
   return layout.treedef.unflatten(out), new_state
 

@@ -43,7 +43,8 @@ def state_sharding(tx: optax.GradientTransformation, params: Any, param_sharding
     the others. An Adafactor row statistic of a ``(rows, cols)`` param sharded
     ``P('data', 'model')`` is ``(rows, 1)`` and gets ``P('data', None)``: it keeps the sharding of
     the axis it runs along and drops the reduced one.
-  - **Kron factors** (``Qs``) and their Lipschitz estimates (``Ls``) are stored by *factor
+  - **Kron factors** (``Qs``), their Lipschitz estimates (``Ls``) and cached preconditioner
+    factors (``Ps``) are stored by *factor
     group*: every fitting unit (a leaf, a layer of a stacked leaf, a block) with the same factor
     shapes and dtypes sits in one array with a leading group axis. That axis is sharded over
     Kron's ``group_axes`` option (default: every axis of the params' mesh, in order), keeping
@@ -131,6 +132,7 @@ def state_sharding(tx: optax.GradientTransformation, params: Any, param_sharding
     return state._replace(
         count=replicated, key=replicated, precond_acc=replicated,
         mu=assign(state.mu), Qs=factor_groups(state.Qs), Ls=factor_groups(state.Ls),
+        Ps=factor_groups(state.Ps) if isinstance(state.Ps, FactorGroups) else state.Ps,
     )
 
   def assign(node):

@@ -109,7 +109,8 @@ SCALE_SCRIPT = textwrap.dedent(
     configs = {
         "adafactor": optax_rlx.adafactor(1e-2, b1=0.9, min_dim_size_to_factor=4),
         # big (136, 128) is cut into 4 x 2 blocks of (34, 64) by block_size=64.
-        "kron": optax_rlx.kron(1e-3, key=0, precond_update_prob=1.0, stacked_layers=stacked,
+        # Refits every other step: both branches of the refit run, and P is cached (Ps).
+        "kron": optax_rlx.kron(1e-3, key=0, precond_update_prob=0.5, stacked_layers=stacked,
                                block_size=64),
         "kron-dense": optax_rlx.kron(1e-3, key=0, precond_update_prob=1.0,
                                      max_skew_dense=float("inf"), stacked_layers=stacked),
@@ -135,6 +136,7 @@ SCALE_SCRIPT = textwrap.dedent(
     assert all(q.spec == P() for k in ("w", "b") for q in group(kr.Qs, k)), spec(kr.Qs)
     assert [q.spec for q in group(kr.Qs, "stack")] == [P("data", None, None)] * 2
     assert [l.spec for l in group(kr.Ls, "stack")] == [P("data")] * 2
+    assert spec(kr.Ps) == spec(kr.Qs)  # the cached P_i lie where their factors do
     by_model = optax_rlx.kron(1e-3, stacked_layers=stacked, block_size=64, group_axes="model")
     only_model = optax_rlx.state_sharding(by_model, params, shardings)
     assert [q.spec for q in group(only_model[0].Qs, "stack")] == [P("model", None, None)] * 2
@@ -253,17 +255,20 @@ GROUP_SCRIPT = textwrap.dedent(
       cost = compiled.cost_analysis()
       return (cost[0] if isinstance(cost, list) else cost)["flops"]
 
+    # "cached": refits every other step with P cached (both branches of the refit compiled).
     configs = {"procrustes": {}, "triangular": {"geometry": "triangular"},
-               "newton": {"criterion": "newton"}}
+               "newton": {"criterion": "newton"}, "cached": {"precond_update_prob": 0.5}}
     for layout, (params, structure) in layouts.items():
       shardings = jax.tree.map(lambda p: NamedSharding(mesh, P("data")), params)
       sharded = jax.device_put(params, shardings)
       for name, options in configs.items():
-        if name == "newton" and layout != "separate":  # Newton: one layout (CI time)
+        if name in ("newton", "cached") and layout != "separate":  # one layout (CI time)
           continue
-        tx = optax_rlx.kron(1e-2, key=0, precond_update_prob=1.0, **structure, **options)
+        tx = optax_rlx.kron(1e-2, key=0, **{"precond_update_prob": 1.0, **structure, **options})
         state_sh = optax_rlx.state_sharding(tx, params, shardings)
-        for group in state_sh[0].Qs.groups:  # every group (of 8 units) sharded along its axis
+        assert (state_sh[0].Ps != ()) == (name == "cached"), (name, state_sh[0].Ps)
+        groups = state_sh[0].Qs.groups + (state_sh[0].Ps.groups if state_sh[0].Ps else ())
+        for group in groups:  # every group (of 8 units) sharded along its axis
           assert all(s.spec[0] == "data" for s in group), (layout, state_sh[0].Qs)
         update = lambda g, s, p, tx=tx: tx.update(g, s, p, obj_fn=loss)  # noqa: E731
         plain_step = jax.jit(update)  # one device, no mesh
@@ -285,7 +290,8 @@ GROUP_SCRIPT = textwrap.dedent(
             u, state = step(jax.jit(jax.grad(loss))(sharded), state, sharded)
             u_dist.append(u)
         # No whole factor group is gathered onto every device.
-        group_shapes = {tuple(q.shape) for q in jax.tree.leaves(state[0].Qs) if q.ndim == 3}
+        group_shapes = {tuple(q.shape) for q in jax.tree.leaves((state[0].Qs, state[0].Ps))
+                        if q.ndim == 3}
         gathered = re.findall(r"= \\w+\\[([\\d,]*)\\]\\S* all-gather\\(", compiled.as_text())
         shapes = {tuple(int(d) for d in g.split(",") if d) for g in gathered}
         assert not shapes & group_shapes, (layout, name, shapes, group_shapes)
@@ -303,4 +309,4 @@ GROUP_SCRIPT = textwrap.dedent(
 
 def test_factor_groups_are_sharded_and_match_the_unsharded_step():
   stdout = _run_on_8_devices(GROUP_SCRIPT, "Auto")
-  assert stdout.count("ok ") == 7, stdout
+  assert stdout.count("ok ") == 8, stdout
