@@ -361,12 +361,32 @@ def procrustes_low_rank_step(q, lip, a, b, axis, lr, lipschitz_decay, exponent=0
   left, right = jnp.concatenate(left, axis=1), jnp.concatenate(right, axis=1)
   if left.shape[1] * 2 > n:
     return procrustes_rotation(q), lip
-  q = procrustes_rotation_factored(q, left, right)
-  # The factored generator leaves earlier residual asymmetry alone; a full rotation removes it
-  # once it exceeds ASYMMETRY_TOLERANCE (relative Frobenius norm).
-  asymmetry = jnp.linalg.norm(_ct(q) - q) / (jnp.linalg.norm(q) + jnp.finfo(q.dtype).tiny)
-  q = jax.lax.cond(asymmetry > ASYMMETRY_TOLERANCE, procrustes_rotation, lambda x: x, q)
-  return q, lip
+  # The factored generator leaves earlier residual asymmetry alone: the caller removes it with
+  # :func:`remove_asymmetry` (once per group of factors, outside any vmap).
+  return procrustes_rotation_factored(q, left, right), lip
+
+
+def leaves_asymmetry(geometry, dense, n, numel):
+  """Whether this axis's step (:func:`factor_step`) needs :func:`remove_asymmetry` after it."""
+  return dense and factor_step(geometry, dense, n, numel) is procrustes_low_rank_step
+
+
+def remove_asymmetry(qs):
+  """Fully rotates (:func:`procrustes_rotation`) each factor of a stack ``(units, n, n)`` whose
+  relative Frobenius asymmetry ``‖qᴴ - q‖ / ‖q‖`` exceeds ``ASYMMETRY_TOLERANCE``.
+
+  One ``lax.cond`` for the whole stack, so it must not run under ``vmap``: there a per-factor
+  cond turns into a select and rotates every factor at every refit (``2 n³`` flops each).
+  """
+  tiny = jnp.finfo(qs.dtype).tiny
+  asymmetry = (jnp.linalg.norm(jnp.conj(jnp.swapaxes(qs, -1, -2)) - qs, axis=(-2, -1))
+               / (jnp.linalg.norm(qs, axis=(-2, -1)) + tiny))
+  needs = asymmetry > ASYMMETRY_TOLERANCE
+
+  def rotate(qs):
+    return jnp.where(needs[:, None, None], jax.vmap(procrustes_rotation)(qs), qs)
+
+  return jax.lax.cond(jnp.any(needs), rotate, lambda x: x, qs)
 
 
 def factor_step(geometry, dense, n, numel):
@@ -453,7 +473,8 @@ def fit_factors(factors, lips, h, v, noise, lr, first_step, dense, options, prec
     precond: the factors' cached :func:`precond_factors`, or None.
 
   Returns:
-    The new factors (rebalanced) and Lipschitz estimates.
+    The new factors (rebalanced) and Lipschitz estimates. Factors whose axis
+    :func:`leaves_asymmetry` still need :func:`remove_asymmetry`.
   """
   if options.auto_init:
     scale = jnp.where(first_step, initial_scale(h, v), 1.0) ** (1.0 / len(factors))

@@ -4,6 +4,8 @@ The fitting and applying of each unit is :mod:`optax_rlx._kron_numerics`; this m
 leaves, layers and blocks to it (``jax.vmap`` over a plan's leading axis) and builds the new state.
 """
 
+import math
+
 import jax
 import jax.numpy as jnp
 import optax
@@ -100,19 +102,24 @@ def _refit_group(group, factors, lips, precond, inputs, lr, first_step, cfg: Kro
   use_p = old_p is not None and cfg.fit.geometry != "triangular"
 
   def fit(f, lp, p, hh, vv, nn):
-    new_f, new_l = numerics.fit_factors(f, lp, hh, vv, nn, lr, first_step, group.dense,
-                                        cfg.fit, p if use_p else None)
-    stored = tuple(q.astype(o.dtype) for q, o in zip(new_f, factors, strict=True))
-    if not precond:
-      return stored, new_l, ()
-    # P of the factors as stored (rounded to precond_dtype), so Ps is a function of Qs.
-    new_p = numerics.precond_factors(numerics.cast_factors(stored, group.dense, hh.dtype),
-                                     group.dense)
-    return stored, new_l, tuple(x.astype(o.dtype) for x, o in zip(new_p, precond, strict=True))
+    return numerics.fit_factors(f, lp, hh, vv, nn, lr, first_step, group.dense, cfg.fit,
+                                p if use_p else None)
 
   in_axes = (0, 0, 0 if precond else None, 0, None if v is None else 0, 0)
-  new_f, new_l, new_p = jax.vmap(fit, in_axes=in_axes)(wide, lips, old_p, h, v, noise)
-  return tuple(new_f), tuple(new_l), tuple(new_p)
+  new_f, new_l = jax.vmap(fit, in_axes=in_axes)(wide, lips, old_p, h, v, noise)
+  numel = math.prod(group.block_shape)
+  new_f = tuple(
+      numerics.remove_asymmetry(q)
+      if numerics.leaves_asymmetry(cfg.fit.geometry, is_dense, n, numel) else q
+      for q, is_dense, n in zip(new_f, group.dense, group.block_shape, strict=True))
+  stored = tuple(q.astype(o.dtype) for q, o in zip(new_f, factors, strict=True))
+  if not precond:
+    return stored, tuple(new_l), ()
+  # P of the factors as stored (rounded to precond_dtype), so Ps is a function of Qs.
+  new_p = jax.vmap(lambda f: numerics.precond_factors(f, group.dense))(
+      numerics.cast_factors(stored, group.dense, h.dtype))
+  return stored, tuple(new_l), tuple(x.astype(o.dtype) for x, o in zip(new_p, precond,
+                                                                        strict=True))
 
 
 def _refit(qs, ls, ps, key, fit_targets, params, obj_fn, layout, plans, lr, first_step, cfg):
