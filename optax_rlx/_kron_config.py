@@ -92,7 +92,7 @@ class KronConfig:
   @property
   def refits_every_step(self) -> bool:
     """A static probability of 1: the refit runs unconditionally (no ``lax.cond``)."""
-    return isinstance(self.update_prob, int | float) and self.update_prob >= 1.0
+    return _always_refits(self.update_prob)
 
   def factor_dtype(self, param_dtype, dense: bool) -> jnp.dtype:
     """Dense factors of complex params are complex (``precond_dtype`` names their precision);
@@ -184,6 +184,11 @@ def _structure_rule(options) -> StructureRule:
   )
 
 
+def _always_refits(update_prob) -> bool:
+  """A static refit probability of at least 1 (not a schedule or a traced value)."""
+  return isinstance(update_prob, int | float) and update_prob >= 1.0
+
+
 def make_config(**options) -> KronConfig:
   """Validates ``scale_by_kron``'s keyword arguments into a :class:`KronConfig`.
 
@@ -205,7 +210,7 @@ def make_config(**options) -> KronConfig:
   update_prob = precond_update_prob_schedule() if prob is None else prob
   cache = options["cache_precond"]
   if cache is None:  # a cache pays on the steps without a refit; with none it only costs memory
-    cache = not (isinstance(update_prob, int | float) and update_prob >= 1.0)
+    cache = not _always_refits(update_prob)
   else:
     _common.check_bool(OWNER, "cache_precond", cache)
   return KronConfig(

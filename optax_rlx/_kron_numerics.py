@@ -379,7 +379,7 @@ def remove_asymmetry(qs):
   cond turns into a select and rotates every factor at every refit (``2 n³`` flops each).
   """
   tiny = jnp.finfo(qs.dtype).tiny
-  asymmetry = (jnp.linalg.norm(jnp.conj(jnp.swapaxes(qs, -1, -2)) - qs, axis=(-2, -1))
+  asymmetry = (jnp.linalg.norm(jax.vmap(_ct)(qs) - qs, axis=(-2, -1))
                / (jnp.linalg.norm(qs, axis=(-2, -1)) + tiny))
   needs = asymmetry > ASYMMETRY_TOLERANCE
 

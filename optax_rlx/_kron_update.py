@@ -97,15 +97,14 @@ def _refit_group(group, factors, lips, precond, inputs, lr, first_step, cfg: Kro
   v = None if inputs[0][1] is None else _stack(group, [x[1] for x in inputs])
   noise = _stack(group, [x[2] for x in inputs])
   wide = numerics.cast_factors(factors, group.dense, h.dtype)
-  old_p = numerics.cast_factors(precond, group.dense, h.dtype) if precond else None
-  # Only procrustes uses P in its fit; triangular would leave the cache unread there.
-  use_p = old_p is not None and cfg.fit.geometry != "triangular"
+  # Only procrustes uses P in its fit; triangular leaves the cache unread there.
+  use_p = bool(precond) and cfg.fit.geometry != "triangular"
+  old_p = numerics.cast_factors(precond, group.dense, h.dtype) if use_p else None
 
   def fit(f, lp, p, hh, vv, nn):
-    return numerics.fit_factors(f, lp, hh, vv, nn, lr, first_step, group.dense, cfg.fit,
-                                p if use_p else None)
+    return numerics.fit_factors(f, lp, hh, vv, nn, lr, first_step, group.dense, cfg.fit, p)
 
-  in_axes = (0, 0, 0 if precond else None, 0, None if v is None else 0, 0)
+  in_axes = (0, 0, 0 if use_p else None, 0, None if v is None else 0, 0)
   new_f, new_l = jax.vmap(fit, in_axes=in_axes)(wide, lips, old_p, h, v, noise)
   numel = math.prod(group.block_shape)
   new_f = tuple(
