@@ -6,8 +6,8 @@ compiles once and is then run for every learning rate of the problem's grid and 
 All optimizers use the same schedule: linear warm-up (transformer only) then cosine decay to 0.
 
 Reported per problem and optimizer, at the best learning rate:
-The best learning rate is the one with the fewest median steps to the target; among those that
-never reach it, the one with the lowest median final loss.
+The best learning rate is the one where the most seeds reach the target, then the fewest median
+steps to it; among those that never reach it, the one with the lowest median final loss.
 - final loss: median over seeds of the mean of the last ``smooth`` training losses;
 - steps to target: median over seeds of the first step where the running mean (window ``smooth``)
   of the training loss is <= the problem's target ("—" when most seeds never get there), and how
@@ -194,12 +194,11 @@ def _run_pair(problem, name, make_tx, steps, seeds, progress) -> Result:
     best_lr = min(grid, key=lambda lr: (grid[lr], lr))
   else:
     grid = loss_grid
-    to_target = {
-        lr: statistics.median(_steps_to_target(r[0], problem) for r in runs)
-        for lr, runs in per_lr.items()
-    }
-    # Fastest to the target; among lrs that never get there (or tie), the lowest final loss.
-    best_lr = min(grid, key=lambda lr: (to_target[lr], grid[lr], lr))
+    hits = {lr: [_steps_to_target(r[0], problem) for r in runs] for lr, runs in per_lr.items()}
+    # Most seeds solved (a lucky fast seed must not hide failing ones), then fastest to the
+    # target; among lrs that never get there (or tie), the lowest final loss.
+    best_lr = min(grid, key=lambda lr: (-sum(map(math.isfinite, hits[lr])),
+                                        statistics.median(hits[lr]), grid[lr], lr))
   runs = per_lr[best_lr]
   steps_hit = [_steps_to_target(r[0], problem) for r in runs]
   curves = np.stack([_smoothed(r[0], problem.smooth) for r in runs])

@@ -47,6 +47,7 @@ def scale_by_kron(
     max_size_dense: int | None = None,
     min_ndim_dense: int | None = None,
     max_skew_dense: float | None = None,
+    dense_budget: float | None = None,
     memory_save_mode: str | None = None,
     block_size: int | None = None,
     damping: float = 1e-9,
@@ -105,10 +106,15 @@ def scale_by_kron(
 
   After each fit the factors are rebalanced to equal max-abs. Which factors are dense: an axis
   gets a diagonal factor when its size is 1, above ``max_size_dense``, when the tensor has fewer
-  than ``min_ndim_dense`` axes, when ``size² > max_skew_dense · numel`` (at the default 2.0: the
-  long axis of a matrix more than twice as long as it is wide, e.g. a vocabulary or a 4x MLP
-  axis; matrices up to 2:1 are dense on both sides), or by
-  ``memory_save_mode``. Vectors get a diagonal ``Q`` and scalars a scalar one.
+  than ``min_ndim_dense`` axes, or by ``memory_save_mode``. Otherwise it is dense when
+  ``size² <= max_skew_dense · numel`` (at the default 2.0 every matrix up to 2:1 is dense on
+  both sides), and a longer, *skewed* axis (a fused ``(d, 3d)`` attention projection, a 4x MLP
+  axis, a vocabulary) is dense while all dense factors of the tree together hold at most
+  ``dense_budget`` times the params' entries: skewed axes are admitted least skewed first, each
+  class of equal unit shape and axis whole or not at all, so equal layers get equal factors.
+  With the default budget 1.0 the state stays about Adam's (momentum plus at most the params'
+  size in dense factors) unless the matrices up to 2:1 alone need more. Vectors get a diagonal
+  ``Q`` and scalars a scalar one.
 
   Complex parameters (complex64, complex128) follow optax's convention: pass the conjugate of
   ``jax.grad(loss)`` as the gradient, the direction whose negative descends. Then
@@ -140,8 +146,14 @@ def scale_by_kron(
     precond_fit_on: whitening target: ``'momentum'`` (:math:`\hat m_t`) or ``'gradient'``.
     max_size_dense: largest axis with a dense factor; None means 8192.
     min_ndim_dense: tensors with fewer axes get only diagonal factors; None means 2.
-    max_skew_dense: an axis is diagonal when ``size² > max_skew_dense · numel``; None means 2.0
-      (a dense factor holds at most twice the leaf's entries). Pass ``float('inf')`` to disable.
+    max_skew_dense: an axis with ``size² <= max_skew_dense · numel`` is dense (every rule
+      above permitting); None means 2.0 (such a factor holds at most twice the leaf's
+      entries). Pass ``float('inf')`` to make every axis up to ``max_size_dense`` dense
+      (psgd_jax's structure).
+    dense_budget: skewed axes (``size² > max_skew_dense · numel``) are dense while all dense
+      factors of the tree hold at most ``dense_budget`` times the params' entries (least
+      skewed first, see above); None means 1.0, 0 keeps every skewed axis diagonal and
+      ``float('inf')`` makes them all dense.
     memory_save_mode: None, ``'one_diag'`` (largest axis diagonal) or ``'all_diag'``.
     block_size: None (default) keeps every axis whole. An int partitions each axis longer than
       ``block_size`` into the fewest equal blocks no longer than it (``d / n`` for the smallest
@@ -178,8 +190,9 @@ def scale_by_kron(
     cache_precond: store :math:`P_i = Q_i^H Q_i` (``KronState.Ps``, as much memory again as
       the factors), recomputed only at refits, so the steps between refits apply :math:`P` with
       one matmul per dense factor instead of two (or instead of forming :math:`Q_i^H Q_i`).
-      None (default) caches unless ``precond_update_prob`` is a constant 1, where every step
-      refits and a cache would only cost memory.
+      None (default) means False: the memory goes to dense factors (``dense_budget``) instead.
+      Worth turning on for long runs (refit probability near its 0.03 floor) where memory
+      allows.
     key: int seed or JAX PRNG key for the probes; stored in the state and split every step.
 
   Returns:
@@ -202,7 +215,7 @@ def scale_by_kron(
     >>> params = {'w': jnp.zeros((4, 4)), 'emb': jnp.zeros((64, 8)), 'b': jnp.zeros(3)}
     >>> state = tx.init(params)
     >>> qs = state.Qs.by_leaf()  # the factors per leaf (stored by factor group)
-    >>> [[q.shape for q in qs[k]] for k in ('w', 'emb', 'b')]  # 64² > 2 · 64·8: diagonal
+    >>> [[q.shape for q in qs[k]] for k in ('w', 'emb', 'b')]  # 64² > 2 · 64·8, over budget
     [[(4, 4), (4, 4)], [(64,), (8, 8)], [(3,)]]
     >>> grads = jax.tree.map(jnp.ones_like, params)
     >>> updates, state = tx.update(grads, state)
@@ -221,6 +234,7 @@ def scale_by_kron(
       max_size_dense=max_size_dense,
       min_ndim_dense=min_ndim_dense,
       max_skew_dense=max_skew_dense,
+      dense_budget=dense_budget,
       memory_save_mode=memory_save_mode,
       block_size=block_size,
       damping=damping,
@@ -260,6 +274,7 @@ def kron(
     max_size_dense: int | None = None,
     min_ndim_dense: int | None = None,
     max_skew_dense: float | None = None,
+    dense_budget: float | None = None,
     memory_save_mode: str | None = None,
     block_size: int | None = None,
     damping: float = 1e-9,
@@ -299,6 +314,7 @@ def kron(
     max_size_dense: see :func:`scale_by_kron`.
     min_ndim_dense: see :func:`scale_by_kron`.
     max_skew_dense: see :func:`scale_by_kron`.
+    dense_budget: see :func:`scale_by_kron`.
     memory_save_mode: see :func:`scale_by_kron`.
     block_size: see :func:`scale_by_kron`.
     damping: see :func:`scale_by_kron`.
@@ -358,6 +374,7 @@ def kron(
           max_size_dense=max_size_dense,
           min_ndim_dense=min_ndim_dense,
           max_skew_dense=max_skew_dense,
+          dense_budget=dense_budget,
           memory_save_mode=memory_save_mode,
           block_size=block_size,
           damping=damping,

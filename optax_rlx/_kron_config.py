@@ -19,6 +19,7 @@ FIT_ON = ("momentum", "gradient")
 DEFAULT_MAX_SIZE_DENSE = 8192
 DEFAULT_MIN_NDIM_DENSE = 2
 DEFAULT_MAX_SKEW_DENSE = 2.0
+DEFAULT_DENSE_BUDGET = 1.0
 
 
 def precond_update_prob_schedule(
@@ -80,7 +81,7 @@ class KronConfig:
   stacked_layers: Any
   group_multiple: int
   group_axes: tuple[str, ...] | None
-  cache_precond: bool  # resolved: None means "unless the refit runs every step"
+  cache_precond: bool  # resolved: None means False
   key_data: Any  # raw uint32 key data (NumPy when concrete)
 
   @property
@@ -146,6 +147,8 @@ def _check_numbers(options):
   check(OWNER, "update_clip", options["update_clip"], low=0.0, low_open=True, allow_none=True)
   check(OWNER, "max_skew_dense", options["max_skew_dense"], low=0.0, low_open=True,
         allow_none=True, allow_inf=True)
+  check(OWNER, "dense_budget", options["dense_budget"], low=0.0, allow_none=True,
+        allow_inf=True)
 
 
 def _group_axes(value):
@@ -164,23 +167,28 @@ def _static_int_or(name, value, default, low):
   return default if value is None else _common.static_int(OWNER, name, value, low=low)
 
 
-def _structure_rule(options) -> StructureRule:
-  max_skew = options["max_skew_dense"]
-  if max_skew is None:
-    max_skew = DEFAULT_MAX_SKEW_DENSE
-  elif _common.is_traced(max_skew):
+def _static_float(options, name, default):
+  value = options[name]
+  if value is None:
+    return default
+  if _common.is_traced(value):
     raise ValueError(
-        f"{OWNER}: `max_skew_dense` decides the state's shapes and must be static; with "
-        f"`optax.inject_hyperparams`, pass `static_args=('max_skew_dense',)`."
+        f"{OWNER}: `{name}` decides the state's shapes and must be static; with "
+        f"`optax.inject_hyperparams`, pass `static_args=('{name}',)`."
     )
+  return float(value)
+
+
+def _structure_rule(options) -> StructureRule:
   return StructureRule(
       max_size_dense=_static_int_or("max_size_dense", options["max_size_dense"],
                                     DEFAULT_MAX_SIZE_DENSE, low=1),
       min_ndim_dense=_static_int_or("min_ndim_dense", options["min_ndim_dense"],
                                     DEFAULT_MIN_NDIM_DENSE, low=0),
-      max_skew_dense=float(max_skew),
+      max_skew_dense=_static_float(options, "max_skew_dense", DEFAULT_MAX_SKEW_DENSE),
       memory_save_mode=options["memory_save_mode"],
       block_size=_static_int_or("block_size", options["block_size"], None, low=1),
+      dense_budget=_static_float(options, "dense_budget", DEFAULT_DENSE_BUDGET),
   )
 
 
@@ -209,8 +217,8 @@ def make_config(**options) -> KronConfig:
   prob = options["precond_update_prob"]
   update_prob = precond_update_prob_schedule() if prob is None else prob
   cache = options["cache_precond"]
-  if cache is None:  # a cache pays on the steps without a refit; with none it only costs memory
-    cache = not _always_refits(update_prob)
+  if cache is None:  # off: its memory goes to dense factors instead (``dense_budget``)
+    cache = False
   else:
     _common.check_bool(OWNER, "cache_precond", cache)
   return KronConfig(

@@ -18,8 +18,10 @@ class StructureRule:
   """Which axes get dense factors (see ``scale_by_kron``'s arguments of the same names).
 
   An axis of a fitting unit is diagonal when its size is 1, above ``max_size_dense``, when the
-  unit has fewer than ``min_ndim_dense`` axes, when ``size² > max_skew_dense · numel``, or by
-  ``memory_save_mode``; ``block_size`` (or None) cuts long axes into equal blocks first.
+  unit has fewer than ``min_ndim_dense`` axes, or by ``memory_save_mode``; otherwise it is dense
+  when ``size² <= max_skew_dense · numel``, and a *skewed* axis (``size²`` above that) is dense
+  when it fits ``dense_budget`` (:func:`plan_leaves`). ``block_size`` (or None) cuts long axes
+  into equal blocks first.
   """
 
   max_size_dense: int
@@ -27,6 +29,7 @@ class StructureRule:
   max_skew_dense: float
   memory_save_mode: str | None
   block_size: int | None
+  dense_budget: float = 0.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,8 +92,19 @@ def _diagonal_axes(block_shape: tuple[int, ...], memory_save_mode: str | None) -
   return set()
 
 
+def _allowed_dense(block_shape: tuple[int, ...], rule: StructureRule) -> tuple[bool, ...]:
+  """Per axis, whether a dense factor is allowed at all (every rule but the skew rule)."""
+  diagonal = _diagonal_axes(block_shape, rule.memory_save_mode)
+  return tuple(
+      i not in diagonal and 1 < d <= rule.max_size_dense and len(block_shape) >= rule.min_ndim_dense
+      for i, d in enumerate(block_shape)
+  )
+
+
 def make_plan(shape: tuple[int, ...], stacked: bool, rule: StructureRule, path: str) -> LeafPlan:
-  """The plan of a leaf of ``shape`` (``path`` names it in errors)."""
+  """The plan of a leaf of ``shape`` by the per-leaf rules alone (``path`` names it in errors):
+  skewed axes are diagonal here; :func:`plan_leaves` adds those that fit ``rule.dense_budget``.
+  """
   leaf_shape = tuple(shape)
   if stacked:
     if len(shape) == 0:
@@ -103,18 +117,63 @@ def make_plan(shape: tuple[int, ...], stacked: bool, rule: StructureRule, path: 
   blocks = tuple(block_count(d, rule.block_size) for d in shape)
   block_shape = tuple(d // n for d, n in zip(shape, blocks, strict=True))
   numel = int(np.prod(block_shape))
-  ndim = len(block_shape)
-  diagonal = _diagonal_axes(block_shape, rule.memory_save_mode)
   dense = tuple(
-      i not in diagonal
-      and 1 < d <= rule.max_size_dense
-      and ndim >= rule.min_ndim_dense
-      and d * d <= rule.max_skew_dense * numel
-      for i, d in enumerate(block_shape)
+      allowed and d * d <= rule.max_skew_dense * numel
+      for d, allowed in zip(block_shape, _allowed_dense(block_shape, rule), strict=True)
   )
   return LeafPlan(
       block_shape=block_shape, dense=dense, stacked=stacked, leaf_shape=leaf_shape, blocks=blocks
   )
+
+
+def _units(plan: LeafPlan) -> int:
+  return plan.lead[0] if plan.batched else 1
+
+
+def dense_entries(plans: list[LeafPlan]) -> int:
+  """Entries of every dense factor of ``plans`` (``d²`` per dense axis and fitting unit)."""
+  return sum(_units(p) * sum(d * d for d, is_dense in zip(p.block_shape, p.dense, strict=True)
+                             if is_dense) for p in plans)
+
+
+def plan_leaves(shapes: list[tuple[int, ...]], stacked: list[bool], rule: StructureRule,
+                paths: list[str]) -> list[LeafPlan]:
+  """Plans of all leaves of a tree: :func:`make_plan`, then skewed axes made dense under a budget.
+
+  A skewed axis (allowed a dense factor, but ``d² > max_skew_dense · numel``) is made dense when
+  all dense factors together, of every leaf, still hold at most ``rule.dense_budget`` times the
+  leaves' entries. Skewed axes are taken in classes (one axis of one unit shape, so equal layers
+  get equal factors), least skewed (smallest ``d² / numel``) first, and a class is taken whole or
+  not at all. So the budget goes to the factors that cost the least relative to their leaf: a
+  fused ``(d, 3d)`` projection before a ``(d, 4d)`` MLP matrix or a vocabulary.
+  """
+  plans = [make_plan(s, k, rule, p) for s, k, p in zip(shapes, stacked, paths, strict=True)]
+  budget = rule.dense_budget * sum(int(np.prod(s)) for s in shapes)
+  classes: dict[tuple, list[int]] = {}
+  for i, plan in enumerate(plans):
+    if 0 in plan.block_shape:  # an empty leaf: nothing to fit
+      continue
+    allowed = _allowed_dense(plan.block_shape, rule)
+    for axis, (d, ok, is_dense) in enumerate(zip(plan.block_shape, allowed, plan.dense,
+                                                 strict=True)):
+      if ok and not is_dense:
+        classes.setdefault((plan.block_shape, axis), []).append(i)
+  total = dense_entries(plans)
+
+  def skew(key):
+    shape, axis = key
+    return (shape[axis] ** 2 / int(np.prod(shape)), shape[axis])
+
+  for shape, axis in sorted(classes, key=skew):
+    members = classes[(shape, axis)]
+    cost = shape[axis] ** 2 * sum(_units(plans[i]) for i in members)
+    if total + cost > budget:
+      continue
+    total += cost
+    for i in members:
+      dense = tuple(x or k == axis for k, x in enumerate(plans[i].dense))
+      plans[i] = dataclasses.replace(plans[i], dense=dense)
+  return plans
 
 
 def check_factor_shapes(plan: LeafPlan, shapes: tuple[tuple[int, ...], ...], path: str) -> None:

@@ -60,10 +60,8 @@ def leaf_plans(tree, cfg: KronConfig) -> list[planning.LeafPlan]:
     stacked = [False] * len(leaves)
   else:
     stacked = jax.tree.leaves(_common.resolve_mask(cfg.stacked_layers, tree))
-  return [
-      planning.make_plan(tuple(x.shape), bool(s), cfg.structure, _common.path_str(path))
-      for (path, x), s in zip(leaves, stacked, strict=True)
-  ]
+  return planning.plan_leaves([tuple(x.shape) for _, x in leaves], [bool(s) for s in stacked],
+                              cfg.structure, [_common.path_str(path) for path, _ in leaves])
 
 
 @dataclasses.dataclass(frozen=True)

@@ -606,6 +606,8 @@ def test_beats_adam_on_rosenbrock():
         ({"max_size_dense": 0}, "max_size_dense"),
         ({"min_ndim_dense": -1}, "min_ndim_dense"),
         ({"max_skew_dense": -1.0}, "max_skew_dense"),
+        ({"dense_budget": -0.5}, "dense_budget"),
+        ({"dense_budget": float("nan")}, "dense_budget"),
         ({"block_size": 0}, "block_size"),
         ({"block_size": 2.5}, "block_size"),
         ({"group_multiple": 0}, "group_multiple"),
@@ -634,3 +636,15 @@ def test_bad_trees_raise_value_error_naming_the_leaf():
   stacked = optax_rlx.scale_by_kron(stacked_layers=True, key=0)
   with pytest.raises(ValueError, match=r"\['s'\].*stacked"):
     stacked.init({"s": jnp.zeros(())})
+
+
+@pytest.mark.parametrize("option", ["max_skew_dense", "dense_budget"])
+def test_shape_deciding_options_under_inject_hyperparams_must_be_static(option):
+  params = {"w": jnp.zeros((4, 12)), "b": jnp.zeros(64)}
+  traced = optax.inject_hyperparams(optax_rlx.kron)(1e-3, **{option: 4.0})
+  with pytest.raises(ValueError, match=rf"`{option}`.*static_args"):
+    jax.jit(traced.init)(params)  # under jit the injected value is a tracer
+  static = optax.inject_hyperparams(optax_rlx.kron, static_args=(option,))(1e-3, **{option: 4.0})
+  plain = optax_rlx.kron(1e-3, **{option: 4.0})
+  assert (jax.tree.structure(static.init(params).inner_state)
+          == jax.tree.structure(plain.init(params)))

@@ -1,5 +1,6 @@
-"""Kron's cached preconditioner (``cache_precond``): ``Ps`` holds ``P_i = Q_iᴴ Q_i`` of the stored
-factors, refreshed at every refit and only then, and applying it gives the uncached updates."""
+"""Kron's cached preconditioner (``cache_precond=True``, off by default): ``Ps`` holds
+``P_i = Q_iᴴ Q_i`` of the stored factors, refreshed at every refit and only then, and applying it
+gives the uncached updates."""
 
 import jax
 import jax.numpy as jnp
@@ -57,11 +58,14 @@ def _product(q):
   return np.conj(np.swapaxes(q, -1, -2)) @ q
 
 
-def test_default_caches_unless_every_step_refits(rng):
+def test_cache_is_opt_in_and_doubles_only_the_factors(rng):
+  """Off by default (its memory goes to the dense factors of ``dense_budget``), on when asked,
+  whatever the refit schedule."""
   params = _params(rng)
-  assert isinstance(optax_rlx.scale_by_kron().init(params).Ps, optax_rlx.FactorGroups)
-  assert optax_rlx.scale_by_kron(precond_update_prob=1.0).init(params).Ps == ()
+  assert optax_rlx.scale_by_kron().init(params).Ps == ()
   assert optax_rlx.scale_by_kron(cache_precond=False).init(params).Ps == ()
+  cached = optax_rlx.scale_by_kron(cache_precond=True).init(params)
+  assert isinstance(cached.Ps, optax_rlx.FactorGroups)
   forced = optax_rlx.scale_by_kron(precond_update_prob=1.0, cache_precond=True).init(params)
   assert isinstance(forced.Ps, optax_rlx.FactorGroups)
   # Same layout and bytes as the factors: the cache doubles the factors' memory, no more.
@@ -78,7 +82,8 @@ def test_default_caches_unless_every_step_refits(rng):
 def test_cached_p_is_the_product_of_the_stored_factors(rng, geometry, dtype, precond_dtype):
   params = _params(rng, dtype)
   tx = optax_rlx.scale_by_kron(geometry=geometry, precond_dtype=precond_dtype,
-                               stacked_layers=STACKED, precond_update_prob=0.5, key=1)
+                               stacked_layers=STACKED, precond_update_prob=0.5, key=1,
+                               cache_precond=True)
   _, state = _run(tx, params, 7)
   rtol = 1e-5 if precond_dtype is None else 2e-2  # P itself is rounded to bfloat16
   for key in params:
@@ -97,7 +102,7 @@ def test_cached_p_is_the_product_of_the_stored_factors(rng, geometry, dtype, pre
 
 def test_cache_changes_only_at_refits(rng):
   params = _params(rng)
-  tx = optax_rlx.scale_by_kron(precond_update_prob=0.25, key=0)
+  tx = optax_rlx.scale_by_kron(precond_update_prob=0.25, key=0, cache_precond=True)
   state = tx.init(params)
   step = jax.jit(tx.update)
   grads = jax.tree.map(jnp.ones_like, params)
@@ -120,8 +125,8 @@ def test_cached_and_uncached_updates_agree(rng, geometry, dtype, criterion):
   params = _params(rng, dtype)
   options = dict(geometry=geometry, criterion=criterion, stacked_layers=STACKED,
                  precond_update_prob=0.4, key=3)
-  cached, s1 = _run(optax_rlx.scale_by_kron(**options), params, 12)
-  plain, s2 = _run(optax_rlx.scale_by_kron(cache_precond=False, **options), params, 12)
+  cached, s1 = _run(optax_rlx.scale_by_kron(cache_precond=True, **options), params, 12)
+  plain, s2 = _run(optax_rlx.scale_by_kron(**options), params, 12)
   assert isinstance(s1.Ps, optax_rlx.FactorGroups) and s2.Ps == ()
   for step, (a, b) in enumerate(zip(cached, plain, strict=True)):
     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
@@ -145,9 +150,9 @@ def test_bad_cache_option_and_mismatched_state_raise(rng):
   with pytest.raises(ValueError, match="cache_precond"):
     optax_rlx.scale_by_kron(cache_precond="yes")
   grads = jax.tree.map(jnp.ones_like, params)
-  uncached = optax_rlx.scale_by_kron(cache_precond=False).init(params)
+  uncached = optax_rlx.scale_by_kron().init(params)
   with pytest.raises(ValueError, match="cache_precond=True"):
-    optax_rlx.scale_by_kron().update(grads, uncached)
-  cached = optax_rlx.scale_by_kron().init(params)
+    optax_rlx.scale_by_kron(cache_precond=True).update(grads, uncached)
+  cached = optax_rlx.scale_by_kron(cache_precond=True).init(params)
   with pytest.raises(ValueError, match="cache_precond=False"):
-    optax_rlx.scale_by_kron(cache_precond=False).update(grads, cached)
+    optax_rlx.scale_by_kron().update(grads, cached)

@@ -79,3 +79,43 @@ def test_factor_shape_check_names_the_leaf():
   planning.check_factor_shapes(plan, ((4, 4), (5, 5)), "['w']")
   with pytest.raises(ValueError, match=r"\['w'\].*\(4, 5\)"):
     planning.check_factor_shapes(plan, ((4, 4), (4, 4)), "['w']")
+
+
+def _plans(shapes, budget, **kw):
+  rule = _rule(max_skew_dense=2.0, dense_budget=budget, **kw)
+  return planning.plan_leaves(list(shapes), [False] * len(shapes), rule,
+                              [f"[{i}]" for i in range(len(shapes))])
+
+
+def test_dense_budget_admits_skewed_axes_least_skewed_first_and_by_whole_class():
+  """Two (8, 24) matrices (3:1) and one (8, 32) (4:1) next to a vector: 1280 entries, base
+  factors 3 · 64 = 192; the 24-axis class costs 2 · 576, the 32-axis class 1024."""
+  shapes = [(8, 24), (8, 24), (8, 32), (640,)]
+  dense = lambda plans: [p.dense for p in plans]  # noqa: E731
+  assert dense(_plans(shapes, 0.0)) == [(True, False)] * 3 + [(False,)]
+  # 192 + 1152 = 1344 > 1280: the 3:1 class does not fit whole, the 4:1 one (1216) does.
+  assert dense(_plans(shapes, 1.0)) == [(True, False)] * 2 + [(True, True), (False,)]
+  # 1.5 · 1280 = 1920: the 3:1 class first (1344), then the 4:1 one no longer fits (2368).
+  assert dense(_plans(shapes, 1.5)) == [(True, True)] * 2 + [(True, False), (False,)]
+  assert dense(_plans(shapes, float("inf"))) == [(True, True)] * 3 + [(False,)]
+  for budget in (0.0, 1.0, 1.5):
+    plans = _plans(shapes, budget)
+    total = sum(int(np.prod(s)) for s in shapes)
+    assert planning.dense_entries(plans) <= max(budget * total, 192)
+
+
+def test_dense_budget_counts_layers_and_blocks_and_keeps_the_other_rules():
+  rule = _rule(max_skew_dense=2.0, dense_budget=1.0, block_size=24)
+  # A stacked (4, 8, 48) leaf in blocks of 24: 8 units of (8, 24), each 24² > 2 · 192 skewed;
+  # 8 · (64 + 576) = 5120 entries > 1.0 · 1552: the 24-axes stay diagonal ...
+  plans = planning.plan_leaves([(4, 8, 48), (16,)], [True, False], rule, ["s", "v"])
+  assert plans[0].lead == (8,) and plans[0].dense == (True, False)
+  # ... and fit 1.0 · 5536 once the tree holds more entries.
+  plans = planning.plan_leaves([(4, 8, 48), (4000,)], [True, False], rule, ["s", "v"])
+  assert plans[0].dense == (True, True)
+  # Never past max_size_dense, min_ndim_dense or memory_save_mode, whatever the budget.
+  for kw in ({"max_size_dense": 16}, {"min_ndim_dense": 3}, {"memory_save_mode": "one_diag"}):
+    plans = planning.plan_leaves([(8, 24), (10**6,)], [False, False],
+                                 _rule(max_skew_dense=2.0, dense_budget=float("inf"), **kw),
+                                 ["w", "v"])
+    assert plans[0].dense[1] is False, kw

@@ -111,7 +111,7 @@ SCALE_SCRIPT = textwrap.dedent(
         # big (136, 128) is cut into 4 x 2 blocks of (34, 64) by block_size=64.
         # Refits every other step: both branches of the refit run, and P is cached (Ps).
         "kron": optax_rlx.kron(1e-3, key=0, precond_update_prob=0.5, stacked_layers=stacked,
-                               block_size=64),
+                               block_size=64, cache_precond=True),
         "kron-dense": optax_rlx.kron(1e-3, key=0, precond_update_prob=1.0,
                                      max_skew_dense=float("inf"), stacked_layers=stacked),
     }
@@ -257,7 +257,8 @@ GROUP_SCRIPT = textwrap.dedent(
 
     # "cached": refits every other step with P cached (both branches of the refit compiled).
     configs = {"procrustes": {}, "triangular": {"geometry": "triangular"},
-               "newton": {"criterion": "newton"}, "cached": {"precond_update_prob": 0.5}}
+               "newton": {"criterion": "newton"},
+               "cached": {"precond_update_prob": 0.5, "cache_precond": True}}
     for layout, (params, structure) in layouts.items():
       shardings = jax.tree.map(lambda p: NamedSharding(mesh, P("data")), params)
       sharded = jax.device_put(params, shardings)
