@@ -154,8 +154,7 @@ def plan_leaves(shapes: list[tuple[int, ...]], stacked: list[bool], rule: Struct
     if 0 in plan.block_shape:  # an empty leaf: nothing to fit
       continue
     allowed = _allowed_dense(plan.block_shape, rule)
-    for axis, (d, ok, is_dense) in enumerate(zip(plan.block_shape, allowed, plan.dense,
-                                                 strict=True)):
+    for axis, (ok, is_dense) in enumerate(zip(allowed, plan.dense, strict=True)):
       if ok and not is_dense:
         classes.setdefault((plan.block_shape, axis), []).append(i)
   total = dense_entries(plans)
