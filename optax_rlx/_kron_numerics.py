@@ -121,27 +121,50 @@ def apply_precond(precond, x, dense):
   return x
 
 
+_SAME_WIDTH_INT = {2: jnp.int16, 4: jnp.int32, 8: jnp.int64}
+
+
+def _float_bits(dtype):
+  """``(int dtype of the same width, mantissa bits, exponent bias)`` of a real float dtype."""
+  info = jnp.finfo(dtype)
+  return _SAME_WIDTH_INT[jnp.dtype(dtype).itemsize], int(info.nmant), int(info.maxexp) - 1
+
+
 def pow2_exponent(x):
   """The int32 ``e`` with ``max|x| < 2^e <= 2 max|x|`` (0 when ``x`` is all zero or not finite).
 
   Dividing by ``2^e`` is exact in floating point, so scaling by it keeps every bit of ``x``.
+  Read off the exponent bits of ``max|x|`` (a few integer ops, unlike ``jnp.frexp``).
   """
   m = jnp.max(jnp.abs(x)).astype(real_dtype(x.dtype))
   ok = (m > 0) & jnp.isfinite(m)
-  return jnp.where(ok, jnp.frexp(jnp.where(ok, m, 1.0))[1], 0).astype(jnp.int32)
+  int_dtype, nmant, bias = _float_bits(m.dtype)
+  biased = (jax.lax.bitcast_convert_type(m, int_dtype) >> nmant).astype(jnp.int32)
+  # A normal m = 1.f · 2^(biased - bias); a subnormal one lies below 2^(1 - bias).
+  return jnp.where(ok, jnp.maximum(biased, 1) - bias + 1, 0).astype(jnp.int32)
+
+
+def _exact_pow2(e, dtype):
+  """``2^e`` in ``dtype`` for an int32 ``e`` in its normal range (built from the bits)."""
+  int_dtype, nmant, bias = _float_bits(dtype)
+  return jax.lax.bitcast_convert_type((e.astype(int_dtype) + bias) << nmant, dtype)
 
 
 def ldexp(x, e):
-  """``x · 2^e``, exact (barring overflow and underflow), for real or complex ``x``."""
-  if jnp.iscomplexobj(x):
-    return jax.lax.complex(jnp.ldexp(jnp.real(x), e), jnp.ldexp(jnp.imag(x), e))
-  return jnp.ldexp(x, e)
+  """``x · 2^e``, exact (barring overflow and underflow of the result), for real or complex
+  ``x``: three exact multiplications by normal powers of two of the same sign of exponent."""
+  real = real_dtype(x.dtype)
+  e = jnp.asarray(e, jnp.int32)
+  third = e // 3
+  for part in (third, third, e - 2 * third):
+    x = x * _exact_pow2(part, real)
+  return x
 
 
 def rms(x):
   """``sqrt(mean |x|²)`` without overflow or underflow (computed on ``x / 2^e``)."""
   e = pow2_exponent(x)
-  return jnp.ldexp(jnp.sqrt(jnp.mean(_abs2(ldexp(x, -e)))), e)
+  return ldexp(jnp.sqrt(jnp.mean(_abs2(ldexp(x, -e)))), e)
 
 
 def clip_by_rms(u, threshold):
@@ -274,15 +297,15 @@ def _normalised_step(lip, bound, lr, lipschitz_decay, dtype, exponent):
   stored unscaled, capped at the float32 maximum so that an overflow heals at the next fit.
   """
   bound = bound.astype(jnp.float32)
-  lip = jnp.ldexp(lip, -2 * exponent)
+  lip = ldexp(lip, -2 * exponent)
   lip = jnp.maximum(lipschitz_decay * lip + (1.0 - lipschitz_decay) * bound, bound)
   step = (lr / jnp.maximum(lip, jnp.finfo(jnp.float32).tiny)).astype(dtype)
-  return jnp.minimum(jnp.ldexp(lip, 2 * exponent), jnp.finfo(jnp.float32).max), step
+  return jnp.minimum(ldexp(lip, 2 * exponent), jnp.finfo(jnp.float32).max), step
 
 
 def _identity_term(numel, n, exponent, dtype):
   """The whitening ``term2 = (numel / n) I``'s scalar, scaled like the pair (``4^-exponent``)."""
-  return jnp.ldexp(jnp.asarray(numel / n, real_dtype(dtype)), -2 * exponent)
+  return ldexp(jnp.asarray(numel / n, real_dtype(dtype)), -2 * exponent)
 
 
 def diagonal_step(q, lip, a, b, axis, lr, lipschitz_decay, exponent=0):
