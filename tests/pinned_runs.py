@@ -5,16 +5,21 @@
 say so in the commit). A pure refactor must reproduce the file bit for bit.
 """
 
+import os
 import platform
 import sys
 from pathlib import Path
 
-import jax
-import jax.numpy as jnp
-import numpy as np
-import optax
+import xla_test_flags
 
-import optax_rlx
+xla_test_flags.apply()  # the test session's flags, also when this file records
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import optax  # noqa: E402
+
+import optax_rlx  # noqa: E402
 
 DATA = Path(__file__).parent / "data" / "pinned_runs.npz"
 STEPS = 12
@@ -103,7 +108,7 @@ def fingerprint():
   except OSError:
     pass
   return (f"jax {jax.__version__}; jaxlib {jax.lib.__version__}; {platform.machine()}; {cpu}; "
-          f"{flags}")
+          f"{flags}; XLA_FLAGS {os.environ.get('XLA_FLAGS', '')}")
 
 
 def refresh_fingerprint():

@@ -155,9 +155,9 @@ def _grads(params, step=0):
   return jax.tree.map(lambda p: jnp.sin(p * 3.0 + step).astype(p.dtype), params)
 
 
-def _run(tx, params, steps=3, jit=True, **extra):
+def _run(tx, params, steps=3, **extra):
   state = tx.init(params)
-  update = jax.jit(tx.update) if jit else tx.update
+  update = jax.jit(tx.update)
   updates = None
   for i in range(steps):
     updates, state = update(_grads(params, i), state, params, **extra)
@@ -194,8 +194,8 @@ def test_jit_does_not_recompile(entry):
 @pytest.mark.parametrize("entry", OPTIMIZERS)
 def test_ignores_unknown_extra_args(entry):
   tx = entry.make(0.1)
-  with_extra = _run(tx, _tree(), jit=False, some_unknown_arg=3, another=jnp.ones(2))
-  _assert_trees_equal(with_extra[0], _run(tx, _tree(), jit=False)[0])
+  with_extra = _run(tx, _tree(), some_unknown_arg=3, another=jnp.ones(2))
+  _assert_trees_equal(with_extra[0], _run(tx, _tree())[0])
 
 
 @pytest.mark.parametrize("entry", OPTIMIZERS)

@@ -75,10 +75,9 @@ def test_cache_is_opt_in_and_doubles_only_the_factors(rng):
       (x.shape, x.dtype) for x in jax.tree.leaves(qs)]
 
 
-# Each geometry, dtype and factor precision once (pairs, not the full product: compile time).
+# Each geometry, dtype and factor precision once (not the full product: compile time).
 @pytest.mark.parametrize("geometry, dtype, precond_dtype", [
-    ("procrustes", jnp.float32, None), ("triangular", jnp.complex64, None),
-    ("procrustes", jnp.complex64, jnp.bfloat16), ("triangular", jnp.float32, jnp.bfloat16)])
+    ("procrustes", jnp.float32, jnp.bfloat16), ("triangular", jnp.complex64, None)])
 def test_cached_p_is_the_product_of_the_stored_factors(rng, geometry, dtype, precond_dtype):
   params = _params(rng, dtype)
   tx = optax_rlx.scale_by_kron(geometry=geometry, precond_dtype=precond_dtype,
@@ -118,13 +117,13 @@ def test_cache_changes_only_at_refits(rng):
   assert changed_p == changed_q == [True, False, False, True, False, False, False, True, False]
 
 
-@pytest.mark.parametrize("geometry, dtype, criterion", [
-    ("procrustes", jnp.float32, "whitening"), ("triangular", jnp.complex64, "whitening"),
-    ("procrustes", jnp.complex64, "newton"), ("triangular", jnp.float32, "newton")])
-def test_cached_and_uncached_updates_agree(rng, geometry, dtype, criterion):
+# Refits on some steps (both branches of the refit's cond) and on every step (no cond).
+@pytest.mark.parametrize("geometry, dtype, criterion, prob", [
+    ("procrustes", jnp.complex64, "newton", 0.4), ("triangular", jnp.float32, "whitening", 1.0)])
+def test_cached_and_uncached_updates_agree(rng, geometry, dtype, criterion, prob):
   params = _params(rng, dtype)
   options = dict(geometry=geometry, criterion=criterion, stacked_layers=STACKED,
-                 precond_update_prob=0.4, key=3)
+                 precond_update_prob=prob, key=3)
   cached, s1 = _run(optax_rlx.scale_by_kron(cache_precond=True, **options), params, 12)
   plain, s2 = _run(optax_rlx.scale_by_kron(**options), params, 12)
   assert isinstance(s1.Ps, optax_rlx.FactorGroups) and s2.Ps == ()
@@ -134,15 +133,6 @@ def test_cached_and_uncached_updates_agree(rng, geometry, dtype, criterion):
       # by 12 steps of feedback through the params.
       np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-3,
                                  atol=1e-4 * float(jnp.max(jnp.abs(y))), err_msg=str(step))
-
-
-def test_cache_with_every_step_refit_matches_the_default_path(rng):
-  params = _params(rng)
-  cached, _ = _run(optax_rlx.scale_by_kron(precond_update_prob=1.0, cache_precond=True),
-                   params, 5)
-  plain, _ = _run(optax_rlx.scale_by_kron(precond_update_prob=1.0), params, 5)
-  for a, b in zip(jax.tree.leaves(cached), jax.tree.leaves(plain), strict=True):
-    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)
 
 
 def test_bad_cache_option_and_mismatched_state_raise(rng):
