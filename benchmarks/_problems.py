@@ -275,6 +275,10 @@ def transformer_sort() -> Problem:
       quick_steps=200,
       lrs=(3e-4, 1e-3, 3e-3),
       warmup=50,
+      # SGD and optax's adafactor (equal to ours) reached no seed's target in the full runs of
+      # 2026-11-23 and 2026-12-02; left out to keep full mode within its time.
+      optimizers=("optax_rlx.kron", "optax_rlx.kron(dense)", "optax_rlx.adafactor", "optax.adam",
+                  "optax.adamw", "psgd_jax.kron"),
   )
 
 
