@@ -187,7 +187,9 @@ def digits_mlp() -> Problem:
       metric_name="test accuracy",
       target=0.02,
       smooth=50,
-      steps=1500,
+      # Every optimizer that reaches the target did so by step ~310 in the 1500-step full run of
+      # 2026-12-02; 800 steps keep that visible at half the time.
+      steps=800,
       quick_steps=400,
       lrs=(3e-4, 1e-3, 3e-3, 1e-2),
   )
@@ -276,9 +278,9 @@ def transformer_sort() -> Problem:
       lrs=(3e-4, 1e-3, 3e-3),
       warmup=50,
       # SGD and optax's adafactor (equal to ours) reached no seed's target in the full runs of
-      # 2026-11-23 and 2026-12-02; left out to keep full mode within its time.
-      optimizers=("optax_rlx.kron", "optax_rlx.kron(dense)", "optax_rlx.adafactor", "optax.adam",
-                  "optax.adamw", "psgd_jax.kron"),
+      # 2026-11-23 and 2026-12-02, adamw matched adam to 3 digits and the dense kron was 1.7x
+      # slower than the default for a 1.2x lower loss; left out to keep full mode within its time.
+      optimizers=("optax_rlx.kron", "optax_rlx.adafactor", "optax.adam", "psgd_jax.kron"),
   )
 
 
@@ -344,11 +346,11 @@ def delayed_xor() -> Problem:
       smooth=20,
       steps=6000,
       quick_steps=1500,
-      lrs=(3e-4, 1e-3, 3e-3),
-      # Optimizers that solve it or might (the adaptive first-order ones and SGD solved no seed
-      # at any lr in the full run of 2026-11-23); one Adafactor stays as the factored baseline.
-      optimizers=("optax_rlx.kron", "optax_rlx.kron(dense)", "optax_rlx.adafactor", "optax.adam",
-                  "psgd_jax.kron"),
+      # No optimizer solved a seed at 3e-3 in the full runs of 2026-11-23 and 2026-12-02.
+      lrs=(3e-4, 1e-3),
+      # Optimizers that solve it or might: the adaptive first-order ones and SGD solved no seed
+      # at any lr in those runs (Adam stays as the first-order baseline).
+      optimizers=("optax_rlx.kron", "optax_rlx.kron(dense)", "optax.adam", "psgd_jax.kron"),
   )
 
 
