@@ -81,7 +81,9 @@ def scale_by_kron(
     of ``obj_fn`` (passed to ``update``); the fixed point is :math:`P = |H|^{-1}`.
 
   :math:`h` is damped to :math:`h + (\texttt{damping}\cdot\mathrm{RMS}(h) + \epsilon |h|)\,n`,
-  :math:`n \sim N(0, I)` (``damping`` alone where :math:`h = 0`), so
+  :math:`n` random signs (Rademacher: :math:`E[n n^\top] = I` at a 32nd of the random bits of
+  :math:`N(0, I)`; ``geometry='triangular'``, whose whitening fit also uses :math:`n` as the probe
+  :math:`v`, draws :math:`N(0, I)`) and ``damping`` alone where :math:`h = 0`, so
   :math:`P \preceq I/(\texttt{damping}\cdot\mathrm{RMS}(h))` and zero gradients cannot produce
   0/0. The damping is relative, and every scale-dependent quantity (initial scale, Gram terms,
   Lipschitz estimates, RMS clip) is computed on tensors divided by exact powers of two, so the

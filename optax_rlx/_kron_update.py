@@ -60,10 +60,17 @@ def _fitting_pairs(keys, fit_targets, params, obj_fn, treedef, cfg: KronConfig):
   return [jnp.conj(h) if jnp.iscomplexobj(h) else h for h in jax.tree.leaves(hvp)], probes
 
 
-def _unit_inputs(plan, h, v, key):
-  """A leaf's fitting inputs as ``(count,) + block_shape`` units, in float32 or wider."""
+def _unit_inputs(plan, h, v, key, geometry):
+  """A leaf's fitting inputs as ``(count,) + block_shape`` units, in float32 or wider.
+
+  The noise damps ``h``: random signs for procrustes; ``N(0, I)`` for triangular, whose
+  whitening fit also uses it as the probe ``v`` (SPEC 2.1)."""
   compute = _common.stats_dtype(h.dtype)
-  noise = jax.random.normal(key, plan.lead + plan.block_shape, compute)
+  shape = plan.lead + plan.block_shape
+  if geometry == "triangular":
+    noise = jax.random.normal(key, shape, compute)
+  else:
+    noise = numerics.random_signs(key, shape, compute)
   if not plan.batched:
     noise = noise[None]
   h_units = planning.to_units(h.astype(compute), plan)
@@ -128,7 +135,7 @@ def _refit(qs, ls, ps, key, fit_targets, params, obj_fn, layout, plans, lr, firs
   keys = jax.random.split(key, 2 * n)
   targets, probes = _fitting_pairs(keys[n:], fit_targets, params, obj_fn, layout.treedef, cfg)
   inputs = [
-      _unit_inputs(plan, h, v, k)
+      _unit_inputs(plan, h, v, k, cfg.fit.geometry)
       for plan, h, v, k in zip(plans, targets, probes, keys[:n], strict=True)
   ]
   out = [
