@@ -156,7 +156,7 @@ def ldexp(x, e):
   ``x``: three exact multiplications by normal powers of two of the same sign of exponent."""
   real = real_dtype(x.dtype)
   e = jnp.asarray(e, jnp.int32)
-  third = e // 3
+  third = jax.lax.div(e, jnp.int32(3))  # truncating: one op (``//`` floors, in four or five)
   for part in (third, third, e - 2 * third):
     x = x * _exact_pow2(part, real)
   return x
@@ -481,16 +481,16 @@ def fitting_pair(factors, h, v, noise, dense, options, precond=None):
   return a, b
 
 
-def random_signs(key, shape, dtype):
-  """Rademacher noise of ``shape``: entries ``±1`` (complex: ``(±1 ± i)/√2``), so
-  ``E[n nᴴ] = I`` like ``N(0, I)``, from one random 32-bit word per 32 entries.
-
-  The procrustes fit uses noise only to damp ``h``, where any zero-mean, identity-covariance
-  noise does; ``jax.random.normal`` needs a word (and an ``erf⁻¹``) per entry, which on the
-  byte-level LM of ``compare.py`` was a fifth of the whole refit's time on the CPU.
-  """
+def sign_words(shape, dtype):
+  """How many random 32-bit words :func:`signs_from_words` needs for ``shape`` and ``dtype``."""
   count = math.prod(shape) * (2 if jnp.issubdtype(dtype, jnp.complexfloating) else 1)
-  words = jax.random.bits(key, (-(-count // 32),), jnp.uint32)
+  return -(-count // 32)
+
+
+def signs_from_words(words, shape, dtype):
+  """Rademacher noise of ``shape`` from :func:`sign_words` random ``uint32`` ``words``: entries
+  ``±1`` (complex: ``(±1 ± i)/√2``), one bit each, so ``E[n nᴴ] = I`` like ``N(0, I)``."""
+  count = math.prod(shape) * (2 if jnp.issubdtype(dtype, jnp.complexfloating) else 1)
   bits = (words[:, None] >> jnp.arange(32, dtype=jnp.uint32)[None, :]) & 1
   signs = (2 * bits.reshape(-1)[:count].astype(real_dtype(dtype)) - 1)
   if count == math.prod(shape):
@@ -499,7 +499,28 @@ def random_signs(key, shape, dtype):
   return jax.lax.complex(pairs[..., 0], pairs[..., 1]).astype(dtype)
 
 
-def fit_factors(factors, lips, h, v, noise, lr, first_step, dense, options, precond=None):
+def random_signs(key, shape, dtype):
+  """:func:`signs_from_words` with the words drawn from ``key``.
+
+  The procrustes fit uses noise only to damp ``h``, where any zero-mean, identity-covariance
+  noise does; ``jax.random.normal`` needs a word (and an ``erf⁻¹``) per entry, which on the
+  byte-level LM of ``compare.py`` was a fifth of the whole refit's time on the CPU.
+  """
+  words = jax.random.bits(key, (sign_words(shape, dtype),), jnp.uint32)
+  return signs_from_words(words, shape, dtype)
+
+
+def auto_scale(factors, h, v, precond=None):
+  """The factors (and their cached :func:`precond_factors`, or None) times the
+  :func:`initial_scale` of the pair ``(h, v)``, split evenly over the factors."""
+  scale = initial_scale(h, v) ** (1.0 / len(factors))
+  factors = tuple(q * scale.astype(q.dtype) for q in factors)
+  if precond is not None:  # (s Q_i)ᴴ (s Q_i) = s² Q_iᴴ Q_i, s real
+    precond = tuple(p * jnp.square(scale).astype(p.dtype) for p in precond)
+  return factors, precond
+
+
+def fit_factors(factors, lips, h, v, noise, lr, dense, options, precond=None):
   """One Lie-group step of every factor of one fitting unit.
 
   Args:
@@ -510,21 +531,21 @@ def fit_factors(factors, lips, h, v, noise, lr, first_step, dense, options, prec
     noise: zero-mean noise like ``h`` with ``E[n nᴴ] = I`` (:func:`random_signs` for
       procrustes; ``N(0, I)`` for triangular, where it is also the whitening probe ``v``).
     lr: the preconditioner learning rate μ.
-    first_step: bool scalar; with ``options.auto_init`` the factors are first rescaled.
     dense: per axis, whether its factor is dense.
     options: a :class:`FitOptions`.
     precond: the factors' cached :func:`precond_factors`, or None.
 
   Returns:
-    The new factors (rebalanced) and Lipschitz estimates. Factors whose axis
-    :func:`leaves_asymmetry` still need :func:`remove_asymmetry`.
+    ``(factors, lips, preconditioned)``: the new factors (rebalanced) and Lipschitz estimates,
+    and for procrustes ``P h̃`` (``h̃`` the damped ``h``, ``P`` of the factors before this step;
+    all zero when ``h`` is), else None. Factors whose axis :func:`leaves_asymmetry` still need
+    :func:`remove_asymmetry`. (The automatic initial scale is :func:`auto_scale`, applied by the
+    caller before the first fit.)
   """
-  if options.auto_init:
-    scale = jnp.where(first_step, initial_scale(h, v), 1.0) ** (1.0 / len(factors))
-    factors = tuple(q * scale.astype(q.dtype) for q in factors)
-    if precond is not None:  # (s Q_i)ᴴ (s Q_i) = s² Q_iᴴ Q_i, s real
-      precond = tuple(p * jnp.square(scale).astype(p.dtype) for p in precond)
   a, b = fitting_pair(factors, h, v, noise, dense, options, precond)
+  preconditioned = None
+  if options.geometry != "triangular":  # P h̃, and exactly 0 where h = 0 (no damping noise)
+    preconditioned = jnp.where(jnp.any(h != 0), a, jnp.zeros_like(a))
   # The pair divided by a power of two 2^e >= its largest entry (>= 1 when B = I is integrated
   # out): the Gram terms cannot overflow, and every step sees them scaled by exactly 4^-e.
   exponent = pow2_exponent(a) if b is None else jnp.maximum(pow2_exponent(a), pow2_exponent(b))
@@ -538,4 +559,4 @@ def fit_factors(factors, lips, h, v, noise, lr, first_step, dense, options, prec
     q, lip = step(q, lip, a, b, axis, lr, options.lipschitz_decay, exponent)
     new_factors.append(q)
     new_lips.append(lip)
-  return balance(tuple(new_factors)), tuple(new_lips)
+  return balance(tuple(new_factors)), tuple(new_lips), preconditioned

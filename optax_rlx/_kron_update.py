@@ -60,17 +60,27 @@ def _fitting_pairs(keys, fit_targets, params, obj_fn, treedef, cfg: KronConfig):
   return [jnp.conj(h) if jnp.iscomplexobj(h) else h for h in jax.tree.leaves(hvp)], probes
 
 
-def _unit_inputs(plan, h, v, key, geometry):
-  """A leaf's fitting inputs as ``(count,) + block_shape`` units, in float32 or wider.
-
-  The noise damps ``h``: random signs for procrustes; ``N(0, I)`` for triangular, whose
-  whitening fit also uses it as the probe ``v`` (SPEC 2.1)."""
-  compute = _common.stats_dtype(h.dtype)
-  shape = plan.lead + plan.block_shape
+def _noise(keys, plans, targets, geometry):
+  """Per leaf the noise that damps ``h``, shaped ``plan.lead + plan.block_shape``: random signs
+  for procrustes (every leaf's from one draw of random words, with ``keys[0]``: on the CPU each
+  draw is a loop of its own); ``N(0, I)`` for triangular (one key per leaf), whose whitening fit
+  also uses it as the probe ``v`` (SPEC 2.1)."""
+  shapes = [plan.lead + plan.block_shape for plan in plans]
+  dtypes = [_common.stats_dtype(h.dtype) for h in targets]
   if geometry == "triangular":
-    noise = jax.random.normal(key, shape, compute)
-  else:
-    noise = numerics.random_signs(key, shape, compute)
+    return [jax.random.normal(k, s, d) for k, s, d in zip(keys, shapes, dtypes, strict=True)]
+  counts = [numerics.sign_words(s, d) for s, d in zip(shapes, dtypes, strict=True)]
+  words = jax.random.bits(keys[0], (max(sum(counts), 1),), jnp.uint32)
+  noise, start = [], 0
+  for count, shape, dtype in zip(counts, shapes, dtypes, strict=True):
+    noise.append(numerics.signs_from_words(words[start:start + count], shape, dtype))
+    start += count
+  return noise
+
+
+def _unit_inputs(plan, h, v, noise):
+  """A leaf's fitting inputs as ``(count,) + block_shape`` units, in float32 or wider."""
+  compute = _common.stats_dtype(h.dtype)
   if not plan.batched:
     noise = noise[None]
   h_units = planning.to_units(h.astype(compute), plan)
@@ -96,10 +106,10 @@ def _members(layout):
 
 def _refit_group(group, factors, lips, precond, inputs, lr, first_step, cfg: KronConfig):
   """One fitting step of every unit of a group (one vmapped call), in float32 or wider:
-  the new factors, Lipschitz estimates and (with ``cache_precond``) ``P_i`` of the stored
-  factors, else ``()``."""
+  the new factors, Lipschitz estimates, (with ``cache_precond``) ``P_i`` of the stored
+  factors, else ``()``, and (procrustes) the units' ``P h̃`` before the step, else None."""
   if 0 in group.block_shape:  # empty units: nothing to fit
-    return factors, lips, precond
+    return factors, lips, precond, None
   h = _stack(group, [x[0] for x in inputs])
   v = None if inputs[0][1] is None else _stack(group, [x[1] for x in inputs])
   noise = _stack(group, [x[2] for x in inputs])
@@ -108,11 +118,19 @@ def _refit_group(group, factors, lips, precond, inputs, lr, first_step, cfg: Kro
   use_p = bool(precond) and cfg.fit.geometry != "triangular"
   old_p = numerics.cast_factors(precond, group.dense, h.dtype) if use_p else None
 
-  def fit(f, lp, p, hh, vv, nn):
-    return numerics.fit_factors(f, lp, hh, vv, nn, lr, first_step, group.dense, cfg.fit, p)
+  p_axis, v_axis = 0 if use_p else None, None if v is None else 0
+  if cfg.fit.auto_init:  # one cond per group: under vmap it would run every refit
 
-  in_axes = (0, 0, 0 if use_p else None, 0, None if v is None else 0, 0)
-  new_f, new_l = jax.vmap(fit, in_axes=in_axes)(wide, lips, old_p, h, v, noise)
+    def rescale(f, p):
+      return jax.vmap(numerics.auto_scale, in_axes=(0, 0, v_axis, p_axis))(f, h, v, p)
+
+    wide, old_p = jax.lax.cond(first_step, rescale, lambda f, p: (f, p), wide, old_p)
+
+  def fit(f, lp, p, hh, vv, nn):
+    return numerics.fit_factors(f, lp, hh, vv, nn, lr, group.dense, cfg.fit, p)
+
+  in_axes = (0, 0, p_axis, 0, v_axis, 0)
+  new_f, new_l, preconditioned = jax.vmap(fit, in_axes=in_axes)(wide, lips, old_p, h, v, noise)
   numel = math.prod(group.block_shape)
   new_f = tuple(
       numerics.remove_asymmetry(q)
@@ -120,37 +138,39 @@ def _refit_group(group, factors, lips, precond, inputs, lr, first_step, cfg: Kro
       for q, is_dense, n in zip(new_f, group.dense, group.block_shape, strict=True))
   stored = tuple(q.astype(o.dtype) for q, o in zip(new_f, factors, strict=True))
   if not precond:
-    return stored, tuple(new_l), ()
+    return stored, tuple(new_l), (), preconditioned
   # P of the factors as stored (rounded to precond_dtype), so Ps is a function of Qs.
   new_p = jax.vmap(lambda f: numerics.precond_factors(f, group.dense))(
       numerics.cast_factors(stored, group.dense, h.dtype))
-  return stored, tuple(new_l), tuple(x.astype(o.dtype) for x, o in zip(new_p, precond,
-                                                                        strict=True))
+  new_p = tuple(x.astype(o.dtype) for x, o in zip(new_p, precond, strict=True))
+  return stored, tuple(new_l), new_p, preconditioned
 
 
 def _refit(qs, ls, ps, key, fit_targets, params, obj_fn, layout, plans, lr, first_step, cfg):
-  """New factors, Lipschitz estimates and cached ``P_i`` of every group after one fitting
-  step."""
+  """Per group, after one fitting step: the new factors, Lipschitz estimates, cached ``P_i``,
+  and the units' ``P h̃`` before the step (procrustes; else None)."""
   n = len(plans)
   keys = jax.random.split(key, 2 * n)
   targets, probes = _fitting_pairs(keys[n:], fit_targets, params, obj_fn, layout.treedef, cfg)
+  noise = _noise(keys[:n], plans, targets, cfg.fit.geometry)
   inputs = [
-      _unit_inputs(plan, h, v, k, cfg.fit.geometry)
-      for plan, h, v, k in zip(plans, targets, probes, keys[:n], strict=True)
+      _unit_inputs(plan, h, v, damping_noise)
+      for plan, h, v, damping_noise in zip(plans, targets, probes, noise, strict=True)
   ]
   out = [
       _refit_group(group, f, lp, p, [inputs[i] for i in idx], lr, first_step, cfg)
       for group, f, lp, p, idx in zip(layout.groups, qs, ls, ps, _members(layout), strict=True)
   ]
-  return tuple([x[k] for x in out] for k in range(3))
+  return tuple([x[k] for x in out] for k in range(4))
 
 
-def _apply(qs, ps, m_hat, grads, layout, plans, cfg: KronConfig):
-  """``P m̂`` clipped by RMS per unit, per leaf in the leaf's shape and the gradient's dtype;
-  from the cached ``P_i`` (``ps``) where there are any, else from the factors."""
-  out = [jnp.zeros_like(g) for g in grads]
+def _precondition(qs, ps, m_hat, layout, plans):
+  """Per group the units' ``P m̂`` (None for a group of empty units); from the cached ``P_i``
+  (``ps``) where there are any, else from the factors."""
+  out = []
   for group, factors, precond, idx in zip(layout.groups, qs, ps, _members(layout), strict=True):
     if 0 in group.block_shape:
+      out.append(None)
       continue
     compute = _common.stats_dtype(m_hat[idx[0]].dtype)
     m = _stack(group, [planning.to_units(m_hat[i].astype(compute), plans[i]) for i in idx])
@@ -158,12 +178,21 @@ def _apply(qs, ps, m_hat, grads, layout, plans, cfg: KronConfig):
     def apply(f, x, dense=group.dense, cached=bool(precond)):
       wide = numerics.cast_factors(f, dense, x.dtype)
       if cached:
-        u = numerics.apply_precond(wide, x, dense)
-      else:
-        u = numerics.precondition(wide, x, dense)
-      return numerics.clip_by_rms(u, cfg.update_clip)
+        return numerics.apply_precond(wide, x, dense)
+      return numerics.precondition(wide, x, dense)
 
-    u = jax.vmap(apply)(precond if precond else factors, m)
+    out.append(jax.vmap(apply)(precond if precond else factors, m))
+  return out
+
+
+def _leaf_updates(units, grads, layout, plans, cfg: KronConfig):
+  """Per group ``units`` (``P m̂``) clipped by RMS per unit, back in each leaf's shape and its
+  gradient's dtype (zeros for empty leaves)."""
+  out = [jnp.zeros_like(g) for g in grads]
+  for u, idx in zip(units, _members(layout), strict=True):
+    if u is None:
+      continue
+    u = jax.vmap(lambda x: numerics.clip_by_rms(x, cfg.update_clip))(u)
     for i in idx:
       slot = layout.slots[i]
       unit = u[slot.start:slot.start + slot.count]
@@ -172,7 +201,14 @@ def _apply(qs, ps, m_hat, grads, layout, plans, cfg: KronConfig):
 
 
 def _step(updates, state, params, obj_fn, layout, plans, cfg: KronConfig):
-  """Momentum → refit decision → refit (inside one ``lax.cond``) → apply and clip."""
+  """Momentum → refit decision → refit (inside one ``lax.cond``) → apply and clip.
+
+  Whitening procrustes fitted on the momentum (the default) gets ``P m̂`` from the fit itself on
+  refit steps: its fitting pair is ``P`` (before the step) applied to the damped ``m̂``, which
+  differs from ``m̂`` by ``damping · RMS(m̂)`` random signs and float round-off (Li's psgd_torch
+  whitening steps likewise return the ``P g`` they fitted on). This saves one application of
+  ``P`` per refit.
+  """
   count_inc = optax.safe_increment(state.count)
   grads = jax.tree.leaves(updates)
   m_hat, new_mu = _momentum(updates, state.mu, count_inc, cfg)
@@ -190,15 +226,23 @@ def _step(updates, state, params, obj_fn, layout, plans, cfg: KronConfig):
   else:
     ps = [()] * len(layout.groups)
 
+  shared = (cfg.criterion != "newton" and cfg.fit_on == "momentum"
+            and cfg.fit.geometry != "triangular")
+
   def refit(qs, ls, ps):
-    return _refit(qs, ls, ps, refit_key, fit_targets, params, obj_fn, layout, plans, lr,
-                  state.count == 0, cfg)
+    qs, ls, ps, fitted = _refit(qs, ls, ps, refit_key, fit_targets, params, obj_fn, layout,
+                                plans, lr, state.count == 0, cfg)
+    units = fitted if shared else _precondition(qs, ps, m_hat, layout, plans)
+    return qs, ls, ps, units
+
+  def apply_only(qs, ls, ps):
+    return qs, ls, ps, _precondition(qs, ps, m_hat, layout, plans)
 
   if cfg.refits_every_step:
-    qs, ls, ps = refit(qs, ls, ps)  # no conditional (XLA runs it faster unwrapped)
+    qs, ls, ps, units = refit(qs, ls, ps)  # no conditional (XLA runs it faster unwrapped)
   else:
-    qs, ls, ps = jax.lax.cond(do_refit, refit, lambda *x: x, qs, ls, ps)
-  out = _apply(qs, ps, m_hat, grads, layout, plans, cfg)
+    qs, ls, ps, units = jax.lax.cond(do_refit, refit, apply_only, qs, ls, ps)
+  out = _leaf_updates(units, grads, layout, plans, cfg)
   new_state = KronState(
       count=count_inc,
       key=jax.random.key_data(key),
