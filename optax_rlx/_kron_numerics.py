@@ -489,7 +489,12 @@ def sign_words(shape, dtype):
 
 def signs_from_words(words, shape, dtype):
   """Rademacher noise of ``shape`` from :func:`sign_words` random ``uint32`` ``words``: entries
-  ``±1`` (complex: ``(±1 ± i)/√2``), one bit each, so ``E[n nᴴ] = I`` like ``N(0, I)``."""
+  ``±1`` (complex: ``(±1 ± i)/√2``), one bit each, so ``E[n nᴴ] = I`` like ``N(0, I)``.
+
+  The procrustes fit uses noise only to damp ``h``, where any zero-mean, identity-covariance
+  noise does; ``jax.random.normal`` needs a word (and an ``erf⁻¹``) per entry, which on the
+  byte-level LM of ``compare.py`` was a fifth of the whole refit's time on the CPU.
+  """
   count = math.prod(shape) * (2 if jnp.issubdtype(dtype, jnp.complexfloating) else 1)
   bits = (words[:, None] >> jnp.arange(32, dtype=jnp.uint32)[None, :]) & 1
   signs = (2 * bits.reshape(-1)[:count].astype(real_dtype(dtype)) - 1)
@@ -497,17 +502,6 @@ def signs_from_words(words, shape, dtype):
     return signs.reshape(shape)
   pairs = signs.reshape(*shape, 2) * (0.5 ** 0.5)
   return jax.lax.complex(pairs[..., 0], pairs[..., 1]).astype(dtype)
-
-
-def random_signs(key, shape, dtype):
-  """:func:`signs_from_words` with the words drawn from ``key``.
-
-  The procrustes fit uses noise only to damp ``h``, where any zero-mean, identity-covariance
-  noise does; ``jax.random.normal`` needs a word (and an ``erf⁻¹``) per entry, which on the
-  byte-level LM of ``compare.py`` was a fifth of the whole refit's time on the CPU.
-  """
-  words = jax.random.bits(key, (sign_words(shape, dtype),), jnp.uint32)
-  return signs_from_words(words, shape, dtype)
 
 
 def auto_scale(factors, h, v, precond=None):
@@ -528,7 +522,7 @@ def fit_factors(factors, lips, h, v, noise, lr, dense, options, precond=None):
     lips: tuple of float32 scalar Lipschitz estimates, one per factor.
     h: the fitting target: gradient/momentum (whitening) or Hessian-vector product (newton).
     v: the probe of the Hessian-vector product (newton), or None (whitening).
-    noise: zero-mean noise like ``h`` with ``E[n nᴴ] = I`` (:func:`random_signs` for
+    noise: zero-mean noise like ``h`` with ``E[n nᴴ] = I`` (:func:`signs_from_words` for
       procrustes; ``N(0, I)`` for triangular, where it is also the whitening probe ``v``).
     lr: the preconditioner learning rate μ.
     dense: per axis, whether its factor is dense.
