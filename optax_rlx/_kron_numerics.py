@@ -481,10 +481,14 @@ def fitting_pair(factors, h, v, noise, dense, options, precond=None):
   return a, b
 
 
+def _sign_count(shape, dtype):
+  """Random signs for ``shape``: one per entry, two for a complex one."""
+  return math.prod(shape) * (2 if jnp.issubdtype(dtype, jnp.complexfloating) else 1)
+
+
 def sign_words(shape, dtype):
   """How many random 32-bit words :func:`signs_from_words` needs for ``shape`` and ``dtype``."""
-  count = math.prod(shape) * (2 if jnp.issubdtype(dtype, jnp.complexfloating) else 1)
-  return -(-count // 32)
+  return -(-_sign_count(shape, dtype) // 32)
 
 
 def signs_from_words(words, shape, dtype):
@@ -495,7 +499,7 @@ def signs_from_words(words, shape, dtype):
   noise does; ``jax.random.normal`` needs a word (and an ``erf⁻¹``) per entry, which on the
   byte-level LM of ``compare.py`` was a fifth of the whole refit's time on the CPU.
   """
-  count = math.prod(shape) * (2 if jnp.issubdtype(dtype, jnp.complexfloating) else 1)
+  count = _sign_count(shape, dtype)
   bits = (words[:, None] >> jnp.arange(32, dtype=jnp.uint32)[None, :]) & 1
   signs = (2 * bits.reshape(-1)[:count].astype(real_dtype(dtype)) - 1)
   if count == math.prod(shape):

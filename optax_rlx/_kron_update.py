@@ -226,13 +226,13 @@ def _step(updates, state, params, obj_fn, layout, plans, cfg: KronConfig):
   else:
     ps = [()] * len(layout.groups)
 
-  shared = (cfg.criterion != "newton" and cfg.fit_on == "momentum"
-            and cfg.fit.geometry != "triangular")
+  update_from_fit = (cfg.criterion != "newton" and cfg.fit_on == "momentum"
+                     and cfg.fit.geometry != "triangular")
 
   def refit(qs, ls, ps):
     qs, ls, ps, fitted = _refit(qs, ls, ps, refit_key, fit_targets, params, obj_fn, layout,
                                 plans, lr, state.count == 0, cfg)
-    units = fitted if shared else _precondition(qs, ps, m_hat, layout, plans)
+    units = fitted if update_from_fit else _precondition(qs, ps, m_hat, layout, plans)
     return qs, ls, ps, units
 
   def apply_only(qs, ls, ps):
