@@ -43,10 +43,9 @@ from jax.sharding import AxisType, NamedSharding  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
 
 import optax_rlx  # noqa: E402
+from optax_rlx import _kron_options, _kron_state  # noqa: E402
 
 F32 = jnp.float32
-# optax_rlx before factor groups (to measure the previous layout) has no group_multiple.
-_HAS_GROUPS = hasattr(optax_rlx, "FactorGroups")
 
 
 def _separate():
@@ -75,7 +74,7 @@ def _gpt2_small():
         "mlp": {"c_fc": {"w": s(d, 4 * d), "b": s(4 * d)},
                 "c_proj": {"w": s(4 * d, d), "b": s(d)}},
     }
-  return params, {"group_multiple": 8} if _HAS_GROUPS else {}
+  return params, {"group_multiple": 8}
 
 
 LAYOUTS = {
@@ -126,11 +125,7 @@ def measure(params, options, n):
 
 def fitting_calls(params, options):
   """(leaves, fitting units, factor groups = vmapped fitting calls per refit)."""
-  state = jax.eval_shape(optax_rlx.scale_by_kron(key=0, **options).init, params)
-  layout = getattr(state.Qs, "layout", None)
-  if layout is None:  # per-leaf state (optax_rlx before factor groups): one call per leaf
-    n = len(jax.tree.leaves(params))
-    return n, n, n
+  layout = _kron_state.tree_layout(params, _kron_options.make_config(options))
   return len(layout.slots), sum(g.units for g in layout.groups), len(layout.groups)
 
 

@@ -11,8 +11,8 @@ from optax_rlx._adafactor import (
     relative_step_schedule,
     scale_by_adafactor,
 )
-from optax_rlx._kron import FactorGroups, KronState, kron, scale_by_kron
-from optax_rlx._kron_config import precond_update_prob_schedule
+from optax_rlx._kron import KronState, kron, kron_by_leaf, scale_by_kron
+from optax_rlx._kron_options import KronOptions, precond_update_prob_schedule
 from optax_rlx._sharding import state_sharding
 
 __version__ = "0.1.0.dev0"
@@ -20,10 +20,11 @@ __version__ = "0.1.0.dev0"
 __all__ = [
     "AdafactorState",
     "AdafactorStepState",
-    "FactorGroups",
+    "KronOptions",
     "KronState",
     "adafactor",
     "kron",
+    "kron_by_leaf",
     "precond_update_prob_schedule",
     "relative_step_schedule",
     "scale_by_adafactor",

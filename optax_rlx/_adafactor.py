@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from optax_rlx import _common
+from optax_rlx import _common, _variables
 from optax_rlx._adafactor_plan import FactoringRule, check_policy, factored_axes, reduced
 
 _OWNER = "adafactor"
@@ -123,7 +123,6 @@ class _AdafactorConfig:
 def _init(params, cfg: _AdafactorConfig) -> AdafactorState:
   """Zero statistics: ``v_row``/``v_col`` for factored leaves, ``v`` for the others."""
   _common.check_inexact_leaves(_OWNER, params, "params")
-  params, rewrap = _common.split_variables(params)
   leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
   policies = _leaf_policies(cfg.factoring, params)
   v_row, v_col, v = [], [], []
@@ -143,14 +142,11 @@ def _init(params, cfg: _AdafactorConfig) -> AdafactorState:
       v_col.append(zeros(reduced(shape, row_axis)))
       v.append(placeholder)
 
-  def unflatten(leaves):
-    return rewrap(treedef.unflatten(leaves))
-
   return AdafactorState(
       count=jnp.zeros([], jnp.int32),
-      v_row=unflatten(v_row),
-      v_col=unflatten(v_col),
-      v=unflatten(v),
+      v_row=treedef.unflatten(v_row),
+      v_col=treedef.unflatten(v_col),
+      v=treedef.unflatten(v),
   )
 
 
@@ -170,8 +166,17 @@ def _update_unfactored(path, g, v, beta2, cfg: _AdafactorConfig):
   return u, new_v.astype(v.dtype)
 
 
-def _update_factored(path, policy, g, v_row, v_col, beta2, cfg: _AdafactorConfig):
+class _LeafStats(NamedTuple):
+  """One leaf's statistics (see :class:`AdafactorState`)."""
+
+  v_row: jax.Array
+  v_col: jax.Array
+  v: jax.Array
+
+
+def _update_factored(path, policy, g, stats: _LeafStats, beta2, cfg: _AdafactorConfig):
   """Row and column EMAs of ``|G|² + ε₁``, ``U = G / √(R Cᵀ / mean(R))``; returns ``(U, R, C)``."""
+  v_row, v_col = stats.v_row, stats.v_col
   shape = tuple(g.shape)
   axes = factored_axes(policy, _common.path_str(path), shape, cfg.min_dim_size_to_factor,
                        for_init=False)
@@ -200,11 +205,12 @@ def _update_factored(path, policy, g, v_row, v_col, beta2, cfg: _AdafactorConfig
   return u, new_row.astype(v_row.dtype), new_col.astype(v_col.dtype)
 
 
-def _update_leaf(path, policy, g, v_row, v_col, v, beta2, cfg: _AdafactorConfig):
+def _update_leaf(path, policy, g, stats: _LeafStats, beta2, cfg: _AdafactorConfig):
   """One leaf's clipped direction and new statistics ``(Û, v_row, v_col, v)``."""
+  v_row, v_col, v = stats
   factored = len(g.shape) >= 2 and tuple(v.shape) != tuple(g.shape)
   if factored:
-    u, v_row, v_col = _update_factored(path, policy, g, v_row, v_col, beta2, cfg)
+    u, v_row, v_col = _update_factored(path, policy, g, stats, beta2, cfg)
   else:
     u, v = _update_unfactored(path, g, v, beta2, cfg)
   if cfg.clipping_threshold is not None:
@@ -215,12 +221,7 @@ def _update_leaf(path, policy, g, v_row, v_col, v, beta2, cfg: _AdafactorConfig)
 def _update(updates, state, params, cfg: _AdafactorConfig):
   if not isinstance(state, AdafactorState):
     raise ValueError(f"{_OWNER}: expected an AdafactorState, got {type(state).__name__}.")
-  # NNX Variables (trees from nnx.state) are computed on as plain arrays and put back after.
-  updates, rewrap_updates = _common.split_variables(updates)
-  params = None if params is None else _common.split_variables(params)[0]
-  (v_rows, rewrap_row), (v_cols, rewrap_col), (vs, rewrap_v) = (
-      _common.split_variables(t) for t in (state.v_row, state.v_col, state.v)
-  )
+  v_rows, v_cols, vs = state.v_row, state.v_col, state.v
   _common.check_same_structure(_OWNER, vs, "the optimizer state", updates, "the updates")
   if params is not None:
     _common.check_same_shapes(_OWNER, params, "the params", updates, "the updates")
@@ -228,7 +229,7 @@ def _update(updates, state, params, cfg: _AdafactorConfig):
   beta2 = _beta2(state.count, cfg.decay_rate, cfg.decay_offset, cfg.beta2_cap)
   leaves, treedef = jax.tree_util.tree_flatten_with_path(updates)
   per_leaf = [
-      _update_leaf(path, policy, g, v_row, v_col, v, beta2, cfg)
+      _update_leaf(path, policy, g, _LeafStats(v_row, v_col, v), beta2, cfg)
       for (path, g), policy, v_row, v_col, v in zip(
           leaves,
           _leaf_policies(cfg.factoring, updates),
@@ -244,11 +245,11 @@ def _update(updates, state, params, cfg: _AdafactorConfig):
 
   new_state = AdafactorState(
       count=optax.safe_increment(state.count),
-      v_row=rewrap_row(field(1)),
-      v_col=rewrap_col(field(2)),
-      v=rewrap_v(field(3)),
+      v_row=field(1),
+      v_col=field(2),
+      v=field(3),
   )
-  return rewrap_updates(field(0)), new_state
+  return field(0), new_state
 
 
 def scale_by_adafactor(
@@ -361,19 +362,25 @@ def scale_by_adafactor(
     del extra_args
     return _update(updates, state, params, cfg)
 
-  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+  return _variables.plain_arrays(optax.GradientTransformationExtraArgs(init_fn, update_fn))
 
 
-def _scale_by_adafactor_step(
-    learning_rate: Any,
-    multiply_by_parameter_scale: bool,
-    epsilon2: Any,
-    b1: Any,
-    mu_dtype: Any,
-    weight_decay: Any,
-    weight_decay_mask: Any,
-) -> optax.GradientTransformationExtraArgs:
+class _StepOptions(NamedTuple):
+  """``adafactor``'s options of the step after the direction (names as in its signature)."""
+
+  learning_rate: Any
+  multiply_by_parameter_scale: bool
+  epsilon2: Any
+  b1: Any
+  mu_dtype: Any
+  weight_decay: Any
+  weight_decay_mask: Any
+
+
+def _scale_by_adafactor_step(options: _StepOptions) -> optax.GradientTransformationExtraArgs:
   """Applies Adafactor's step size, momentum, weight decay and the sign flip (see ``adafactor``)."""
+  (learning_rate, multiply_by_parameter_scale, epsilon2, b1, mu_dtype, weight_decay,
+   weight_decay_mask) = options
   use_momentum = b1 is not None  # 0 keeps the buffer: one state structure for every value
   use_decay = not _common.is_zero(weight_decay)
   needs_params = multiply_by_parameter_scale or use_decay
@@ -549,13 +556,13 @@ def adafactor(
           factoring=factoring,
           min_dim_size_to_factor=min_dim_size_to_factor,
       ),
-      _scale_by_adafactor_step(
-          step_size,
-          multiply_by_parameter_scale,
-          epsilon2,
-          b1,
-          mu_dtype,
-          weight_decay,
-          weight_decay_mask,
-      ),
+      _scale_by_adafactor_step(_StepOptions(
+          learning_rate=step_size,
+          multiply_by_parameter_scale=multiply_by_parameter_scale,
+          epsilon2=epsilon2,
+          b1=b1,
+          mu_dtype=mu_dtype,
+          weight_decay=weight_decay,
+          weight_decay_mask=weight_decay_mask,
+      )),
   )

@@ -212,41 +212,6 @@ def zeros_like_layout(shape: tuple[int, ...], dtype: Any, param: Any):
   return layout_like(jnp.zeros(shape, dtype), param)
 
 
-def _is_variable(x: Any) -> bool:
-  """A Flax NNX ``Variable`` (duck-typed: optax_rlx does not import flax)."""
-  return (
-      not isinstance(x, jax.Array | np.ndarray)
-      and callable(getattr(x, "get_metadata", None))
-      and callable(getattr(x, "get_value", None))
-  )
-
-
-def split_variables(params: Any) -> tuple[Any, Any]:
-  """``(pure, rewrap)``: ``params`` with NNX Variables replaced by their values, and a function.
-
-  ``flax.nnx.Optimizer`` calls ``tx.init`` on a tree of ``nnx.Param`` Variables and copies each
-  Variable's metadata (e.g. its sharding names) to the state leaves built in its place. A
-  statistic whose shape differs from its param's (an Adafactor row statistic, a placeholder, a
-  Kron factor) must not inherit them, or nnx shards it with the param's (wrong-rank) annotation.
-  ``rewrap(tree)`` puts each leaf of a pure, params-like ``tree`` back in its param's Variable
-  only when the shapes agree. For plain arrays both are the identity.
-  """
-  if not any(_is_variable(x) for x in jax.tree.leaves(params, is_leaf=_is_variable)):
-    return params, lambda tree: tree
-  pure = jax.tree.map(lambda x: x.get_value() if _is_variable(x) else x, params,
-                      is_leaf=_is_variable)
-
-  def rewrap(tree):
-    def wrap(param, leaf):
-      if _is_variable(param) and tuple(leaf.shape) == tuple(param.get_value().shape):
-        return jax.tree.unflatten(jax.tree.structure(param), [leaf])
-      return leaf
-
-    return jax.tree.map(wrap, params, tree, is_leaf=_is_variable)
-
-  return pure, rewrap
-
-
 def as_tuple(node: Any) -> tuple[Any, ...]:
   """A tuple stored in optimizer state, as a tuple. Containers that rebuild pytrees
   (``flax.nnx.Optimizer`` keeps optimizer state as ``nnx.State``) can hand it back as a mapping

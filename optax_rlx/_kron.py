@@ -1,66 +1,26 @@
 """Kron-PSGD: preconditioned SGD with a Kronecker-factored preconditioner fitted on a Lie group.
 
-The rooms: options → ``KronConfig`` (``_kron_config``), each leaf's static ``LeafPlan``
-(``_kron_plan``), the state and its layout (``_kron_state``), one step on arrays
-(``_kron_update``), the numerics of one fitting unit (``_kron_numerics``). This module is the
-public transform and alias.
+This module is the public transform, its alias and the per-leaf view of the state. The rooms
+behind it: the options (``_kron_options``), the static plan on shapes (``_kron_plan``), the state
+and its checks (``_kron_state``), one step on arrays (``_kron_update``), the geometries and the
+fit of one unit (``_kron_geometry``), and the shared numerics (``_kron_numerics``).
 """
 
-from typing import Any
+from collections.abc import Mapping
+from typing import Any, Unpack
 
 import jax
 import optax
 
-from optax_rlx import _common, _kron_update
-from optax_rlx._kron_config import OWNER, KronConfig, make_config
-from optax_rlx._kron_state import FactorGroups, KronState, init_state
+from optax_rlx import _common, _kron_update, _variables
+from optax_rlx._kron_options import OWNER, KronOptions, make_config, takes_options
+from optax_rlx._kron_state import KronState, by_leaf, init_state, tree_layout
 
-__all__ = ["FactorGroups", "KronState", "kron", "scale_by_kron"]
-
-
-def _update(updates, state, params, obj_fn, cfg: KronConfig):
-  """The update on plain arrays: NNX Variables (trees from ``nnx.state``) are unwrapped and the
-  results put back in them."""
-  updates, rewrap_updates = _common.split_variables(updates)
-  rewrap_mu = lambda tree: tree  # noqa: E731
-  if isinstance(state, KronState):
-    mu, rewrap_mu = _common.split_variables(state.mu)
-    state = state._replace(mu=mu)
-  if params is not None:
-    params, rewrap_params = _common.split_variables(params)
-    if obj_fn is not None:
-      user_obj_fn = obj_fn
-      obj_fn = lambda p: user_obj_fn(rewrap_params(p))  # noqa: E731
-  out, new_state = _kron_update.update(updates, state, params, obj_fn, cfg)
-  return rewrap_updates(out), new_state._replace(mu=rewrap_mu(new_state.mu))
+__all__ = ["KronState", "kron", "kron_by_leaf", "scale_by_kron"]
 
 
-def scale_by_kron(
-    b1: float | None = 0.9,
-    nesterov: bool = False,
-    precond_lr: optax.ScalarOrSchedule = 0.1,
-    precond_update_prob: optax.ScalarOrSchedule | None = None,
-    precond_init_scale: float | None = None,
-    criterion: str = "whitening",
-    geometry: str = "procrustes",
-    precond_fit_on: str = "momentum",
-    max_size_dense: int | None = None,
-    min_ndim_dense: int | None = None,
-    max_skew_dense: float | None = None,
-    dense_budget: float | None = None,
-    memory_save_mode: str | None = None,
-    block_size: int | None = None,
-    damping: float = 1e-9,
-    lipschitz_decay: float = 0.9,
-    update_clip: float | None = 1.1,
-    mu_dtype: Any = None,
-    precond_dtype: Any = None,
-    stacked_layers: Any = None,
-    group_multiple: int | None = None,
-    group_axes: str | tuple[str, ...] | None = None,
-    cache_precond: bool | None = None,
-    key: int | jax.Array = 0,
-) -> optax.GradientTransformationExtraArgs:
+@takes_options
+def scale_by_kron(**options: Unpack[KronOptions]) -> optax.GradientTransformationExtraArgs:
   r"""Preconditions updates with Li's Kronecker-factored PSGD preconditioner.
 
   For each leaf (any rank) the preconditioner is :math:`P = Q^\top Q` with
@@ -131,7 +91,10 @@ def scale_by_kron(
 
   The refit schedule is deterministic: the probabilities are summed from the step count and the
   preconditioner is refitted whenever the sum reaches an integer (identical on every device),
-  inside one top-level ``lax.cond`` that does no fitting work on other steps.
+  inside one top-level ``lax.cond`` that does no fitting work on other steps. Every step's update
+  is :math:`P_t \hat m_t` with :math:`P_t` as it stands before that step's refit, in every
+  geometry and criterion (where the refit's own fitting pair already holds it, procrustes
+  whitening on the momentum, it is taken from there).
 
   Args:
     b1: momentum :math:`b_1` in [0, 1), or None for none (0 keeps a momentum buffer equal to
@@ -139,14 +102,17 @@ def scale_by_kron(
     nesterov: use Nesterov momentum.
     precond_lr: :math:`\mu`, float or schedule of the step count.
     precond_update_prob: probability of refitting :math:`Q` per step, float in (0, 1] or a
-      schedule; None means :func:`precond_update_prob_schedule` (1 for 500 steps, then → 0.03).
+      schedule; the default :func:`precond_update_prob_schedule` is 1 for 500 steps, then
+      decays to 0.03.
     precond_init_scale: initial :math:`Q = s I`; None sets :math:`s` from the first fitting pair
       (``(mean h⁴ / mean v⁴)^(-1/8)`` per leaf, computed without overflow for any finite
       gradient; 1 for zero or non-finite gradients).
     criterion: ``'whitening'`` or ``'newton'``.
     geometry: ``'procrustes'`` (default) or ``'triangular'``.
     precond_fit_on: whitening target: ``'momentum'`` (:math:`\hat m_t`) or ``'gradient'``.
-    max_size_dense: largest axis with a dense factor; None means 8192.
+    max_size_dense: largest axis with a dense factor; None means 8192. (This and the other
+      numbers deciding the state's shapes default to None, not to their value, so that
+      ``optax.inject_hyperparams`` leaves them static.)
     min_ndim_dense: tensors with fewer axes get only diagonal factors; None means 2.
     max_skew_dense: an axis with ``size² <= max_skew_dense · numel`` is dense (every rule
       above permitting); None means 2.0 (such a factor holds at most twice the leaf's
@@ -192,9 +158,8 @@ def scale_by_kron(
     cache_precond: store :math:`P_i = Q_i^H Q_i` (``KronState.Ps``, as much memory again as
       the factors), recomputed only at refits, so the steps between refits apply :math:`P` with
       one matmul per dense factor instead of two (or instead of forming :math:`Q_i^H Q_i`).
-      None (default) means False: the memory goes to dense factors (``dense_budget``) instead.
-      Worth turning on for long runs (refit probability near its 0.03 floor) where memory
-      allows.
+      Off by default: the memory goes to dense factors (``dense_budget``) instead. Worth
+      turning on for long runs (refit probability near its 0.03 floor) where memory allows.
     key: int seed or JAX PRNG key for the probes; stored in the state and split every step.
 
   Returns:
@@ -216,79 +181,38 @@ def scale_by_kron(
     >>> tx = optax_rlx.scale_by_kron(key=0)
     >>> params = {'w': jnp.zeros((4, 4)), 'emb': jnp.zeros((64, 8)), 'b': jnp.zeros(3)}
     >>> state = tx.init(params)
-    >>> qs = state.Qs.by_leaf()  # the factors per leaf (stored by factor group)
-    >>> [[q.shape for q in qs[k]] for k in ('w', 'emb', 'b')]  # 64² > 2 · 64·8, over budget
+    >>> sorted(state.Qs)  # stored by factor group, named by factor shapes and dtype
+    ['3_float32', '4x4_4x4_float32', '64_8x8_float32']
+    >>> [q.shape for q in state.Qs['64_8x8_float32']]  # a group of one unit
+    [(1, 64), (1, 8, 8)]
+    >>> qs = optax_rlx.kron_by_leaf(state.Qs, params)  # per leaf; 64² > 2 · 64·8, over budget
+    >>> [[q.shape for q in qs[k]] for k in ('w', 'emb', 'b')]
     [[(4, 4), (4, 4)], [(64,), (8, 8)], [(3,)]]
     >>> grads = jax.tree.map(jnp.ones_like, params)
     >>> updates, state = tx.update(grads, state)
     >>> updates['emb'].shape, int(state.count)
     ((64, 8), 1)
   """
-  cfg = make_config(
-      b1=b1,
-      nesterov=nesterov,
-      precond_lr=precond_lr,
-      precond_update_prob=precond_update_prob,
-      precond_init_scale=precond_init_scale,
-      criterion=criterion,
-      geometry=geometry,
-      precond_fit_on=precond_fit_on,
-      max_size_dense=max_size_dense,
-      min_ndim_dense=min_ndim_dense,
-      max_skew_dense=max_skew_dense,
-      dense_budget=dense_budget,
-      memory_save_mode=memory_save_mode,
-      block_size=block_size,
-      damping=damping,
-      lipschitz_decay=lipschitz_decay,
-      update_clip=update_clip,
-      mu_dtype=mu_dtype,
-      precond_dtype=precond_dtype,
-      stacked_layers=stacked_layers,
-      group_multiple=group_multiple,
-      group_axes=group_axes,
-      cache_precond=cache_precond,
-      key=key,
-  )
+
+  cfg = make_config(options, "scale_by_kron")
 
   def init_fn(params):
     return init_state(params, cfg)
 
   def update_fn(updates, state, params=None, obj_fn=None, **extra_args):
     del extra_args
-    return _update(updates, state, params, obj_fn, cfg)
+    return _kron_update.update(updates, state, params, obj_fn, cfg)
 
-  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+  return _variables.plain_arrays(optax.GradientTransformationExtraArgs(init_fn, update_fn))
 
 
+@takes_options
 def kron(
     learning_rate: optax.ScalarOrSchedule,
-    b1: float | None = 0.9,
+    *,
     weight_decay: float = 0.0,
     weight_decay_mask: Any = None,
-    nesterov: bool = False,
-    precond_lr: optax.ScalarOrSchedule = 0.1,
-    precond_update_prob: optax.ScalarOrSchedule | None = None,
-    precond_init_scale: float | None = None,
-    criterion: str = "whitening",
-    geometry: str = "procrustes",
-    precond_fit_on: str = "momentum",
-    max_size_dense: int | None = None,
-    min_ndim_dense: int | None = None,
-    max_skew_dense: float | None = None,
-    dense_budget: float | None = None,
-    memory_save_mode: str | None = None,
-    block_size: int | None = None,
-    damping: float = 1e-9,
-    lipschitz_decay: float = 0.9,
-    update_clip: float | None = 1.1,
-    mu_dtype: Any = None,
-    precond_dtype: Any = None,
-    stacked_layers: Any = None,
-    group_multiple: int | None = None,
-    group_axes: str | tuple[str, ...] | None = None,
-    cache_precond: bool | None = None,
-    key: int | jax.Array = 0,
+    **options: Unpack[KronOptions],
 ) -> optax.GradientTransformationExtraArgs:
   r"""The Kron-PSGD optimizer: :func:`scale_by_kron`, decoupled weight decay, learning rate.
 
@@ -303,33 +227,9 @@ def kron(
 
   Args:
     learning_rate: :math:`\eta_t`, float or optax schedule.
-    b1: momentum, see :func:`scale_by_kron`.
     weight_decay: :math:`\lambda` >= 0.
     weight_decay_mask: pytree of bools (prefix of the params) or a callable of the params.
-    nesterov: see :func:`scale_by_kron`.
-    precond_lr: see :func:`scale_by_kron`.
-    precond_update_prob: see :func:`scale_by_kron`.
-    precond_init_scale: see :func:`scale_by_kron`.
-    criterion: see :func:`scale_by_kron`.
-    geometry: see :func:`scale_by_kron`.
-    precond_fit_on: see :func:`scale_by_kron`.
-    max_size_dense: see :func:`scale_by_kron`.
-    min_ndim_dense: see :func:`scale_by_kron`.
-    max_skew_dense: see :func:`scale_by_kron`.
-    dense_budget: see :func:`scale_by_kron`.
-    memory_save_mode: see :func:`scale_by_kron`.
-    block_size: see :func:`scale_by_kron`.
-    damping: see :func:`scale_by_kron`.
-    lipschitz_decay: see :func:`scale_by_kron`.
-    update_clip: see :func:`scale_by_kron`.
-    mu_dtype: see :func:`scale_by_kron`.
-    precond_dtype: see :func:`scale_by_kron`.
-    stacked_layers: see :func:`scale_by_kron` (list it in ``static_args`` of
-      ``optax.inject_hyperparams`` when it is a callable).
-    group_multiple: see :func:`scale_by_kron`.
-    group_axes: see :func:`scale_by_kron`.
-    cache_precond: see :func:`scale_by_kron`.
-    key: see :func:`scale_by_kron`.
+    {options of scale_by_kron}
 
   Returns:
     An :class:`optax.GradientTransformationExtraArgs`; pass ``obj_fn`` to ``update`` with
@@ -363,34 +263,55 @@ def kron(
   """
   _common.check_number(OWNER, "learning_rate", learning_rate, low=0.0, allow_schedule=True)
   _common.check_number(OWNER, "weight_decay", weight_decay, low=0.0)
-  chain = [
-      scale_by_kron(
-          b1=b1,
-          nesterov=nesterov,
-          precond_lr=precond_lr,
-          precond_update_prob=precond_update_prob,
-          precond_init_scale=precond_init_scale,
-          criterion=criterion,
-          geometry=geometry,
-          precond_fit_on=precond_fit_on,
-          max_size_dense=max_size_dense,
-          min_ndim_dense=min_ndim_dense,
-          max_skew_dense=max_skew_dense,
-          dense_budget=dense_budget,
-          memory_save_mode=memory_save_mode,
-          block_size=block_size,
-          damping=damping,
-          lipschitz_decay=lipschitz_decay,
-          update_clip=update_clip,
-          mu_dtype=mu_dtype,
-          precond_dtype=precond_dtype,
-          stacked_layers=stacked_layers,
-          group_multiple=group_multiple,
-          group_axes=group_axes,
-          cache_precond=cache_precond,
-          key=key,
-      )
-  ]
-  chain.append(_common.decoupled_weight_decay(weight_decay, weight_decay_mask))
-  chain.append(optax.scale_by_learning_rate(learning_rate))
-  return optax.chain(*chain)
+  return optax.chain(
+      scale_by_kron(**options),
+      _common.decoupled_weight_decay(weight_decay, weight_decay_mask),
+      optax.scale_by_learning_rate(learning_rate),
+  )
+
+
+@takes_options
+def kron_by_leaf(groups: Mapping[str, tuple[jax.Array, ...]], params: Any,
+                 **options: Unpack[KronOptions]) -> Any:
+  """The per-leaf view of Kron's factor groups: ``KronState.Qs``, ``Ls`` or ``Ps`` per param.
+
+  The state stores factors by group (:class:`KronState`); which leaf's units sit where follows
+  from the params' shapes and the options that decide the structure, so pass the same options
+  as to :func:`kron` (the others are ignored).
+
+  Args:
+    groups: ``state.Qs``, ``state.Ls`` or ``state.Ps`` of a :class:`KronState` (arrays or
+      ``jax.ShapeDtypeStruct``, e.g. from ``jax.eval_shape``).
+    params: the params (arrays or ``jax.ShapeDtypeStruct``).
+    **options: the options of :func:`scale_by_kron` the state was made with.
+
+  Returns:
+    A pytree like ``params`` whose leaves are tuples, one array per axis: ``(d, d)`` dense or
+    ``(d,)`` diagonal factors (scalars for Lipschitz estimates), with a leading
+    ``(layers · blocks,)`` axis for stacked or blocked leaves.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> import optax_rlx
+    >>> params = {'w': jnp.zeros((4, 4)), 'stack': jnp.zeros((3, 4, 4))}
+    >>> tx = optax_rlx.kron(1e-3, stacked_layers={'w': False, 'stack': True})
+    >>> state = tx.init(params)[0]
+    >>> state.Qs['4x4_4x4_float32'][0].shape  # w's unit, then stack's three layers
+    (4, 4, 4)
+    >>> qs = optax_rlx.kron_by_leaf(state.Qs, params, stacked_layers={'w': False, 'stack': True})
+    >>> [q.shape for q in qs['w']], [q.shape for q in qs['stack']]
+    ([(4, 4), (4, 4)], [(3, 4, 4), (3, 4, 4)])
+  """
+  cfg = make_config(options, "kron_by_leaf")
+  params = _variables.split_variables(params)[0]
+  return by_leaf(groups, tree_layout(params, cfg), jax.tree.structure(params))
+
+
+def _args_section(docstring: str) -> str:
+  """The entries of a Google-style docstring's ``Args:`` section, as written."""
+  start = docstring.index("  Args:\n") + len("  Args:\n")
+  return docstring[start:docstring.index("\n\n", start)].strip()
+
+
+kron.__doc__ = kron.__doc__.replace("{options of scale_by_kron}",
+                                    _args_section(scale_by_kron.__doc__))

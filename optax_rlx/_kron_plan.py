@@ -1,26 +1,27 @@
-"""Kron's static plan: which factors each leaf gets, and how the leaf is laid out for them.
+"""Kron's static plan: which factors each leaf gets, and where its fitting units are stored.
 
-Pure Python and NumPy on shapes: nothing here runs JAX math. The transform
-(:mod:`optax_rlx._kron`) builds one :class:`LeafPlan` per leaf at ``init`` and trace time; the
-numerics (:mod:`optax_rlx._kron_numerics`) act on one *fitting unit*, a tensor of shape
-``plan.block_shape``, and a stacked or blocked leaf is a batch of ``plan.lead`` such units.
+Pure Python and NumPy on shapes: nothing here runs JAX math. :func:`plan_layout` turns the
+leaves' shapes (and the structure options) into a :class:`Layout`, at ``init`` and again at every
+trace of ``update``: the layout is derived, never stored. The numerics act on one *fitting
+unit*, a tensor of shape ``plan.block_shape``; a stacked or blocked leaf is a batch of
+``plan.lead`` such units. Units of every leaf with the same factor shapes and dtypes form one
+:class:`FactorGroup`, stored under the group's :attr:`FactorGroup.name` in the state.
 """
 
 import dataclasses
+from typing import NamedTuple
 
 import numpy as np
-
-MEMORY_SAVE_MODES = (None, "one_diag", "all_diag")
 
 
 @dataclasses.dataclass(frozen=True)
 class StructureRule:
-  """Which axes get dense factors (see ``scale_by_kron``'s arguments of the same names).
+  """Which axes get dense factors (``scale_by_kron``'s options of the same names).
 
   An axis of a fitting unit is diagonal when its size is 1, above ``max_size_dense``, when the
   unit has fewer than ``min_ndim_dense`` axes, or by ``memory_save_mode``; otherwise it is dense
   when ``size² <= max_skew_dense · numel``, and a *skewed* axis (``size²`` above that) is dense
-  when it fits ``dense_budget`` (:func:`plan_leaves`). ``block_size`` (or None) cuts long axes
+  when it fits ``dense_budget`` (:func:`plan_layout`). ``block_size`` (or None) cuts long axes
   into equal blocks first.
   """
 
@@ -30,6 +31,32 @@ class StructureRule:
   memory_save_mode: str | None
   block_size: int | None
   dense_budget: float = 0.0
+
+
+class DtypeKey(NamedTuple):
+  """The dtype names of a leaf's units: dense factors, diagonal factors, and the computations
+  (Gram terms, norms). Units group only with units of the same key."""
+
+  dense: str
+  diagonal: str
+  compute: str
+
+
+@dataclasses.dataclass(frozen=True)
+class LeafSpec:
+  """What the plan needs to know of one leaf.
+
+  Attributes:
+    path: the leaf's key path, for messages (e.g. ``['block0']['qkv']``).
+    shape: the leaf's shape.
+    stacked: whether its leading axis stacks layers (``stacked_layers``).
+    dtypes: its units' :class:`DtypeKey`.
+  """
+
+  path: str
+  shape: tuple[int, ...]
+  stacked: bool
+  dtypes: DtypeKey
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,36 +96,134 @@ class LeafPlan:
     return (layers * int(np.prod(self.blocks)),)
 
   @property
+  def units(self) -> int:
+    """Number of fitting units (layers times blocks; 1 for a plain leaf)."""
+    return self.lead[0] if self.batched else 1
+
+  @property
   def factor_shapes(self) -> tuple[tuple[int, ...], ...]:
-    """The state's factor shapes: ``lead + (d, d)`` dense, ``lead + (d,)`` diagonal."""
-    return tuple(
-        (*self.lead, d, d) if is_dense else (*self.lead, d)
-        for d, is_dense in zip(self.block_shape, self.dense, strict=True)
-    )
+    """The leaf's factor shapes: ``lead + (d, d)`` dense, ``lead + (d,)`` diagonal."""
+    return _factor_shapes(self.lead, self.block_shape, self.dense)
 
 
-def block_count(d: int, block_size: int | None) -> int:
-  """Fewest equal blocks of size <= ``block_size`` an axis of size ``d`` splits into."""
-  if block_size is None or d <= block_size:
-    return 1
-  return next(n for n in range(-(-d // block_size), d + 1) if d % n == 0)
+@dataclasses.dataclass(frozen=True)
+class FactorGroup:
+  """Fitting units (of any leaves, layers and blocks) with the same factor layout, stored and
+  fitted as one batch along a leading group axis.
+
+  Attributes:
+    block_shape: the units' shape (see :class:`LeafPlan`).
+    dense: per axis, dense or diagonal.
+    dtypes: the units' :class:`DtypeKey`.
+    units: fitting units taken from the leaves.
+    size: length of the group axis: ``units`` padded up to a multiple of the group multiple
+      (padding units are fitted on zeros and never applied).
+  """
+
+  block_shape: tuple[int, ...]
+  dense: tuple[bool, ...]
+  dtypes: DtypeKey
+  units: int
+  size: int
+
+  @property
+  def factor_shapes(self) -> tuple[tuple[int, ...], ...]:
+    """The group's factor shapes: ``(size, d, d)`` dense, ``(size, d)`` diagonal."""
+    return _factor_shapes((self.size,), self.block_shape, self.dense)
+
+  @property
+  def name(self) -> str:
+    """The group's key in the state: its factors' shapes and storage dtype, e.g.
+    ``64x64_192x192_float32`` (two dense factors), ``64x64_256_bfloat16_float32`` (a dense and a
+    diagonal factor stored in bfloat16, computed in float32), ``7_float32_complex64`` (the
+    diagonal factor of a complex vector). The compute dtype is named when it differs."""
+    shapes = "_".join(f"{d}x{d}" if is_dense else f"{d}"
+                      for d, is_dense in zip(self.block_shape, self.dense, strict=True))
+    stored = self.dtypes.dense if any(self.dense) else self.dtypes.diagonal
+    compute = self.dtypes.compute
+    return f"{shapes}_{stored}" if stored == compute else f"{shapes}_{stored}_{compute}"
+
+  @property
+  def factor_dtypes(self) -> tuple[str, ...]:
+    """Per axis, the dtype name of its factors."""
+    return tuple(self.dtypes.dense if d else self.dtypes.diagonal for d in self.dense)
 
 
-def _diagonal_axes(block_shape: tuple[int, ...], memory_save_mode: str | None) -> set[int]:
-  if memory_save_mode == "all_diag":
-    return set(range(len(block_shape)))
-  if memory_save_mode == "one_diag":
-    return {int(np.argsort(np.asarray(block_shape), kind="stable")[-1])}
-  return set()
+@dataclasses.dataclass(frozen=True)
+class Slot:
+  """Where a leaf's units sit in their group: ``group``'s units ``start … start + count - 1``."""
+
+  group: int
+  start: int
+  count: int
 
 
-def _allowed_dense(block_shape: tuple[int, ...], rule: StructureRule) -> tuple[bool, ...]:
-  """Per axis, whether a dense factor is allowed at all (every rule but the skew rule)."""
-  diagonal = _diagonal_axes(block_shape, rule.memory_save_mode)
-  return tuple(
-      i not in diagonal and 1 < d <= rule.max_size_dense and len(block_shape) >= rule.min_ndim_dense
-      for i, d in enumerate(block_shape)
-  )
+@dataclasses.dataclass(frozen=True)
+class Layout:
+  """Every leaf's plan and where its units are stored.
+
+  Attributes:
+    paths: the leaves' key paths, in flattening order.
+    plans: one :class:`LeafPlan` per leaf.
+    groups: the factor groups, ordered by their first leaf.
+    slots: one :class:`Slot` per leaf.
+  """
+
+  paths: tuple[str, ...]
+  plans: tuple[LeafPlan, ...]
+  groups: tuple[FactorGroup, ...]
+  slots: tuple[Slot, ...]
+
+  def members(self, group: int) -> list[int]:
+    """The indices of the leaves with units in ``group``, in storage order."""
+    return [i for i, slot in enumerate(self.slots) if slot.group == group]
+
+
+def plan_layout(leaves: list[LeafSpec], rule: StructureRule, multiple: int) -> Layout:
+  """The :class:`Layout` of a tree's leaves: plans (:func:`plan_leaves`), grouped by factor
+  shapes and dtypes, each group padded to a multiple of ``multiple`` units."""
+  plans = plan_leaves(leaves, rule)
+  groups, slots = group_units(plans, [leaf.dtypes for leaf in leaves], multiple)
+  return Layout(paths=tuple(leaf.path for leaf in leaves), plans=tuple(plans), groups=groups,
+                slots=slots)
+
+
+def plan_leaves(leaves: list[LeafSpec], rule: StructureRule) -> list[LeafPlan]:
+  """Plans of all leaves of a tree: :func:`make_plan`, then skewed axes made dense under a budget.
+
+  A skewed axis (allowed a dense factor, but ``d² > max_skew_dense · numel``) is made dense when
+  all dense factors together, of every leaf, still hold at most ``rule.dense_budget`` times the
+  leaves' entries. Skewed axes are taken in classes (one axis of one unit shape, so equal layers
+  get equal factors), least skewed (smallest ``d² / numel``) first, and a class is taken whole or
+  not at all. So the budget goes to the factors that cost the least relative to their leaf: a
+  fused ``(d, 3d)`` projection before a ``(d, 4d)`` MLP matrix or a vocabulary.
+  """
+  plans = [make_plan(leaf.shape, leaf.stacked, rule, leaf.path) for leaf in leaves]
+  budget = rule.dense_budget * sum(int(np.prod(leaf.shape)) for leaf in leaves)
+  classes: dict[tuple, list[int]] = {}
+  for i, plan in enumerate(plans):
+    if 0 in plan.block_shape:  # an empty leaf: nothing to fit
+      continue
+    allowed = _allowed_dense(plan.block_shape, rule)
+    for axis, (ok, is_dense) in enumerate(zip(allowed, plan.dense, strict=True)):
+      if ok and not is_dense:
+        classes.setdefault((plan.block_shape, axis), []).append(i)
+  total = dense_entries(plans)
+
+  def skew(key):
+    shape, axis = key
+    return (shape[axis] ** 2 / int(np.prod(shape)), shape[axis])
+
+  for shape, axis in sorted(classes, key=skew):
+    members = classes[(shape, axis)]
+    cost = shape[axis] ** 2 * sum(plans[i].units for i in members)
+    if total + cost > budget:
+      continue
+    total += cost
+    for i in members:
+      dense = tuple(x or k == axis for k, x in enumerate(plans[i].dense))
+      plans[i] = dataclasses.replace(plans[i], dense=dense)
+  return plans
 
 
 def make_plan(shape: tuple[int, ...], stacked: bool, rule: StructureRule, path: str) -> LeafPlan:
@@ -126,141 +251,12 @@ def make_plan(shape: tuple[int, ...], stacked: bool, rule: StructureRule, path: 
   )
 
 
-def _units(plan: LeafPlan) -> int:
-  return plan.lead[0] if plan.batched else 1
-
-
-def dense_entries(plans: list[LeafPlan]) -> int:
-  """Entries of every dense factor of ``plans`` (``d²`` per dense axis and fitting unit)."""
-  return sum(_units(p) * sum(d * d for d, is_dense in zip(p.block_shape, p.dense, strict=True)
-                             if is_dense) for p in plans)
-
-
-def plan_leaves(shapes: list[tuple[int, ...]], stacked: list[bool], rule: StructureRule,
-                paths: list[str]) -> list[LeafPlan]:
-  """Plans of all leaves of a tree: :func:`make_plan`, then skewed axes made dense under a budget.
-
-  A skewed axis (allowed a dense factor, but ``d² > max_skew_dense · numel``) is made dense when
-  all dense factors together, of every leaf, still hold at most ``rule.dense_budget`` times the
-  leaves' entries. Skewed axes are taken in classes (one axis of one unit shape, so equal layers
-  get equal factors), least skewed (smallest ``d² / numel``) first, and a class is taken whole or
-  not at all. So the budget goes to the factors that cost the least relative to their leaf: a
-  fused ``(d, 3d)`` projection before a ``(d, 4d)`` MLP matrix or a vocabulary.
-  """
-  plans = [make_plan(s, k, rule, p) for s, k, p in zip(shapes, stacked, paths, strict=True)]
-  budget = rule.dense_budget * sum(int(np.prod(s)) for s in shapes)
-  classes: dict[tuple, list[int]] = {}
-  for i, plan in enumerate(plans):
-    if 0 in plan.block_shape:  # an empty leaf: nothing to fit
-      continue
-    allowed = _allowed_dense(plan.block_shape, rule)
-    for axis, (ok, is_dense) in enumerate(zip(allowed, plan.dense, strict=True)):
-      if ok and not is_dense:
-        classes.setdefault((plan.block_shape, axis), []).append(i)
-  total = dense_entries(plans)
-
-  def skew(key):
-    shape, axis = key
-    return (shape[axis] ** 2 / int(np.prod(shape)), shape[axis])
-
-  for shape, axis in sorted(classes, key=skew):
-    members = classes[(shape, axis)]
-    cost = shape[axis] ** 2 * sum(_units(plans[i]) for i in members)
-    if total + cost > budget:
-      continue
-    total += cost
-    for i in members:
-      dense = tuple(x or k == axis for k, x in enumerate(plans[i].dense))
-      plans[i] = dataclasses.replace(plans[i], dense=dense)
-  return plans
-
-
-def check_factor_shapes(plan: LeafPlan, shapes: tuple[tuple[int, ...], ...], path: str) -> None:
-  """Raises ``ValueError`` unless a state's factor ``shapes`` are the ones ``plan`` lays out."""
-  if shapes != plan.factor_shapes:
-    raise ValueError(
-        f"kron: leaf {path} has gradient shape {plan.leaf_shape}, which does not match its "
-        f"preconditioner factors {shapes}."
-    )
-
-
-def to_inner(x, plan: LeafPlan):
-  """A leaf-shaped array as ``plan.lead + plan.block_shape``: layers and blocks on one axis.
-
-  Works on any array with ``reshape`` and ``transpose`` (JAX or NumPy).
-  """
-  layers = (plan.leaf_shape[0],) if plan.stacked else ()
-  full = tuple(d * n for d, n in zip(plan.block_shape, plan.blocks, strict=True))
-  x = x.reshape(layers + full)
-  if not plan.blocked:
-    return x
-  k = len(layers)
-  split = layers + tuple(
-      v for n, d in zip(plan.blocks, plan.block_shape, strict=True) for v in (n, d)
-  )
-  x = x.reshape(split)
-  r = len(plan.block_shape)
-  block_index_axes = tuple(k + 2 * i for i in range(r))
-  within_block_axes = tuple(k + 2 * i + 1 for i in range(r))
-  perm = tuple(range(k)) + block_index_axes + within_block_axes
-  return x.transpose(perm).reshape(plan.lead + plan.block_shape)
-
-
-def from_inner(u, plan: LeafPlan):
-  """Inverse of :func:`to_inner`: back to the leaf's shape."""
-  if plan.blocked:
-    layers = (plan.leaf_shape[0],) if plan.stacked else ()
-    k, r = len(layers), len(plan.block_shape)
-    u = u.reshape(layers + plan.blocks + plan.block_shape)
-    perm = tuple(range(k)) + tuple(v for i in range(r) for v in (k + i, k + r + i))
-    u = u.transpose(perm)
-  return u.reshape(plan.leaf_shape)
-
-
-@dataclasses.dataclass(frozen=True)
-class FactorGroup:
-  """Fitting units (of any leaves, layers and blocks) with the same factor layout, stored and
-  fitted as one batch along a leading group axis.
-
-  Attributes:
-    block_shape: the units' shape (see :class:`LeafPlan`).
-    dense: per axis, dense or diagonal.
-    dtypes: the units' dtype key (factor and compute dtypes; opaque here, it only has to match).
-    units: fitting units taken from the leaves.
-    size: length of the group axis: ``units`` padded up to a multiple of the group multiple
-      (padding units are fitted on zeros and never applied).
-  """
-
-  block_shape: tuple[int, ...]
-  dense: tuple[bool, ...]
-  dtypes: tuple[str, ...]
-  units: int
-  size: int
-
-  @property
-  def factor_shapes(self) -> tuple[tuple[int, ...], ...]:
-    """The group's factor shapes: ``(size, d, d)`` dense, ``(size, d)`` diagonal."""
-    return tuple(
-        (self.size, d, d) if is_dense else (self.size, d)
-        for d, is_dense in zip(self.block_shape, self.dense, strict=True)
-    )
-
-
-@dataclasses.dataclass(frozen=True)
-class Slot:
-  """Where a leaf's units sit in their group: ``group``'s units ``start … start + count - 1``."""
-
-  group: int
-  start: int
-  count: int
-
-
-def group_units(plans: list[LeafPlan], dtype_keys: list[tuple[str, ...]],
+def group_units(plans: list[LeafPlan], dtype_keys: list[DtypeKey],
                 multiple: int) -> tuple[tuple[FactorGroup, ...], tuple[Slot, ...]]:
   """Groups every leaf's fitting units by ``(block_shape, dense, dtype key)``.
 
   Groups are ordered by their first leaf, and units within a group by leaf, then by the leaf's
-  layers and blocks (:func:`to_inner` order). Each group's size is rounded up to a multiple of
+  layers and blocks (:func:`to_units` order). Each group's size is rounded up to a multiple of
   ``multiple``. Returns the groups and one :class:`Slot` per leaf.
   """
   index: dict[tuple, int] = {}
@@ -271,9 +267,8 @@ def group_units(plans: list[LeafPlan], dtype_keys: list[tuple[str, ...]],
     g = index.setdefault(key, len(index))
     if g == len(counts):
       counts.append(0)
-    count = plan.lead[0] if plan.batched else 1
-    slots.append(Slot(group=g, start=counts[g], count=count))
-    counts[g] += count
+    slots.append(Slot(group=g, start=counts[g], count=plan.units))
+    counts[g] += plan.units
   groups = tuple(
       FactorGroup(block_shape=shape, dense=dense, dtypes=dtypes, units=n,
                   size=-(-n // multiple) * multiple)
@@ -282,12 +277,67 @@ def group_units(plans: list[LeafPlan], dtype_keys: list[tuple[str, ...]],
   return groups, tuple(slots)
 
 
+def block_count(d: int, block_size: int | None) -> int:
+  """Fewest equal blocks of size <= ``block_size`` an axis of size ``d`` splits into."""
+  if block_size is None or d <= block_size:
+    return 1
+  return next(n for n in range(-(-d // block_size), d + 1) if d % n == 0)
+
+
+def dense_entries(plans: list[LeafPlan]) -> int:
+  """Entries of every dense factor of ``plans`` (``d²`` per dense axis and fitting unit)."""
+  return sum(p.units * sum(d * d for d, is_dense in zip(p.block_shape, p.dense, strict=True)
+                           if is_dense) for p in plans)
+
+
 def to_units(x, plan: LeafPlan):
-  """A leaf-shaped array as ``(count,) + plan.block_shape``, its units along a leading axis."""
-  x = to_inner(x, plan)
-  return x if plan.batched else x.reshape((1, *plan.block_shape))
+  """A leaf-shaped array as ``(units,) + plan.block_shape``: layers and blocks on one axis.
+
+  Works on any array with ``reshape`` and ``transpose`` (JAX or NumPy).
+  """
+  layers = (plan.leaf_shape[0],) if plan.stacked else ()
+  full = tuple(d * n for d, n in zip(plan.block_shape, plan.blocks, strict=True))
+  x = x.reshape(layers + full)
+  if plan.blocked:
+    k = len(layers)
+    split = layers + tuple(
+        v for n, d in zip(plan.blocks, plan.block_shape, strict=True) for v in (n, d)
+    )
+    r = len(plan.block_shape)
+    block_index_axes = tuple(k + 2 * i for i in range(r))
+    within_block_axes = tuple(k + 2 * i + 1 for i in range(r))
+    x = x.reshape(split).transpose(tuple(range(k)) + block_index_axes + within_block_axes)
+  return x.reshape((plan.units, *plan.block_shape))
 
 
 def from_units(u, plan: LeafPlan):
-  """Inverse of :func:`to_units`."""
-  return from_inner(u if plan.batched else u.reshape(plan.block_shape), plan)
+  """Inverse of :func:`to_units`: back to the leaf's shape."""
+  if plan.blocked:
+    layers = (plan.leaf_shape[0],) if plan.stacked else ()
+    k, r = len(layers), len(plan.block_shape)
+    u = u.reshape(layers + plan.blocks + plan.block_shape)
+    u = u.transpose(tuple(range(k)) + tuple(v for i in range(r) for v in (k + i, k + r + i)))
+  return u.reshape(plan.leaf_shape)
+
+
+def _factor_shapes(lead: tuple[int, ...], block_shape: tuple[int, ...],
+                   dense: tuple[bool, ...]) -> tuple[tuple[int, ...], ...]:
+  return tuple((*lead, d, d) if is_dense else (*lead, d)
+               for d, is_dense in zip(block_shape, dense, strict=True))
+
+
+def _diagonal_axes(block_shape: tuple[int, ...], memory_save_mode: str | None) -> set[int]:
+  if memory_save_mode == "all_diag":
+    return set(range(len(block_shape)))
+  if memory_save_mode == "one_diag":
+    return {int(np.argsort(np.asarray(block_shape), kind="stable")[-1])}
+  return set()
+
+
+def _allowed_dense(block_shape: tuple[int, ...], rule: StructureRule) -> tuple[bool, ...]:
+  """Per axis, whether a dense factor is allowed at all (every rule but the skew rule)."""
+  diagonal = _diagonal_axes(block_shape, rule.memory_save_mode)
+  return tuple(
+      i not in diagonal and 1 < d <= rule.max_size_dense and len(block_shape) >= rule.min_ndim_dense
+      for i, d in enumerate(block_shape)
+  )

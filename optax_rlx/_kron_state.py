@@ -1,6 +1,9 @@
-"""Kron's state: its layout per leaf (from the static plans), its initial value and its checks."""
+"""Kron's state: named factor groups, their initial value, the checks of a given state, and the
+per-leaf view. The layout behind the names is derived from the params and the options
+(:func:`tree_layout`), at ``init`` and at every trace of ``update``; the state holds only arrays.
+"""
 
-import dataclasses
+from collections.abc import Mapping
 from typing import Any, NamedTuple
 
 import jax
@@ -9,25 +12,34 @@ import optax
 
 from optax_rlx import _common
 from optax_rlx import _kron_plan as planning
-from optax_rlx._kron_config import OWNER, KronConfig
+from optax_rlx._kron_options import OWNER, KronConfig
+
+# A group's arrays: one per axis of its units, each with a leading group axis.
+GroupArrays = tuple[jax.Array, ...]
+
+# Options whose change moves units between groups or changes their factors (for messages).
+_LAYOUT_OPTIONS = ("`max_size_dense`, `min_ndim_dense`, `max_skew_dense`, `dense_budget`, "
+                   "`memory_save_mode`, `block_size`, `stacked_layers` or `precond_dtype`")
 
 
 class KronState(NamedTuple):
   """State of :func:`scale_by_kron`.
 
-  For a leaf of shape ``(d_1, ..., d_r)`` the preconditioner is ``P = Qᵀ Q`` with
+  For a leaf of shape ``(d_1, ..., d_r)`` the preconditioner is ``P = Qᴴ Q`` with
   ``Q = Q_1 ⊗ ... ⊗ Q_r``: ``Q_i`` is a dense ``(d_i, d_i)`` matrix (upper triangular, or
-  symmetric positive definite with ``geometry='procrustes'``) or a diagonal stored as ``(d_i,)``.
-  Scalars have one factor of shape ``(1,)``. A stacked leaf (``stacked_layers``) or a blocked one
-  (``block_size``) has one set of factors per layer and block. For a complex leaf ``P = Qᴴ Q``:
-  dense factors are complex (Hermitian positive definite with ``'procrustes'``), diagonal
-  factors real and positive.
+  Hermitian positive definite with ``geometry='procrustes'``) or a diagonal stored as ``(d_i,)``
+  (real and positive). Scalars have one factor of shape ``(1,)``. A stacked leaf
+  (``stacked_layers``) or a blocked one (``block_size``) has one set of factors per layer and
+  block: its *fitting units*.
 
-  The factors are stored by *factor group* (:class:`FactorGroups`): all fitting units with the
-  same factor shapes and dtypes share arrays with a leading group axis, fitted by one vmapped
-  call and shardable over devices (:func:`optax_rlx.state_sharding`). ``Qs.by_leaf()`` gives the
-  per-leaf view: a pytree like the params of tuples of factors (with a leading
-  ``(layers · blocks,)`` axis for stacked or blocked leaves).
+  Units with the same factor shapes and dtypes, of any leaves, form a *factor group*, stored as
+  one array per axis with a leading group axis (units in leaf order, then layer and block), fitted
+  by one vmapped call and shardable over devices (:func:`optax_rlx.state_sharding`). ``Qs``,
+  ``Ls`` and ``Ps`` are dicts keyed by the group's name, which says what it holds: its factor
+  shapes and storage dtype, e.g. ``Qs['64x64_192x192_float32']`` is a pair of arrays
+  ``(units, 64, 64)`` and ``(units, 192, 192)``, ``Qs['64x64_256_float32']`` a dense and a
+  diagonal factor. :func:`optax_rlx.kron_by_leaf` gives any of them per leaf. A params tree with
+  no leaves has no groups: ``Qs`` and ``Ls`` (and ``Ps``) are then an empty float32 array.
 
   Attributes:
     count: int32 scalar, number of updates so far.
@@ -35,12 +47,12 @@ class KronState(NamedTuple):
     precond_acc: float32 scalar, running sum of refit probabilities; a refit happens whenever it
       reaches 1 (a deterministic realisation of ``precond_update_prob``).
     mu: pytree like the params, momentum in ``mu_dtype``; ``()`` without momentum.
-    Qs: :class:`FactorGroups` of the factors, in ``precond_dtype``.
-    Ls: :class:`FactorGroups` like ``Qs`` with one float32 per unit and factor: each factor's
+    Qs: ``{group name: factors}``, in ``precond_dtype``.
+    Ls: ``{group name: estimates}``, one float32 ``(units,)`` array per axis: each factor's
       Lipschitz estimate normalising its fitting step.
-    Ps: with ``cache_precond``, :class:`FactorGroups` like ``Qs`` holding ``P_i = Q_iᴴ Q_i``
-      (dense) or ``q_i²`` (diagonal), recomputed at each refit, so steps without one apply
-      ``P`` with one matmul per dense factor; ``()`` without the cache.
+    Ps: with ``cache_precond``, ``{group name: P_i}`` like ``Qs``, holding ``P_i = Q_iᴴ Q_i``
+      (dense) or ``q_i²`` (diagonal), recomputed at each refit, so steps without one apply ``P``
+      with one matmul per dense factor; ``()`` without the cache.
   """
 
   count: jax.Array
@@ -52,226 +64,66 @@ class KronState(NamedTuple):
   Ps: Any = ()
 
 
+class GroupFactors(NamedTuple):
+  """One factor group's part of the state (see :class:`KronState`)."""
 
-def leaf_plans(tree, cfg: KronConfig) -> list[planning.LeafPlan]:
-  """One plan per leaf of ``tree`` (arrays or ``jax.ShapeDtypeStruct``)."""
+  factors: GroupArrays
+  lips: GroupArrays
+  precond: GroupArrays | None
+
+
+def tree_layout(tree: Any, cfg: KronConfig) -> planning.Layout:
+  """The :class:`~optax_rlx._kron_plan.Layout` of ``tree``'s leaves (arrays or
+  ``jax.ShapeDtypeStruct``) under ``cfg``'s structure options."""
   leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
-  if cfg.stacked_layers is None:
+  stacked_layers = cfg.options["stacked_layers"]
+  if stacked_layers is None:
     stacked = [False] * len(leaves)
   else:
-    stacked = jax.tree.leaves(_common.resolve_mask(cfg.stacked_layers, tree))
-  return planning.plan_leaves([tuple(x.shape) for _, x in leaves], [bool(s) for s in stacked],
-                              cfg.structure, [_common.path_str(path) for path, _ in leaves])
+    stacked = [bool(s) for s in jax.tree.leaves(_common.resolve_mask(stacked_layers, tree))]
+  specs = [
+      planning.LeafSpec(path=_common.path_str(path), shape=tuple(x.shape), stacked=s,
+                        dtypes=_dtype_key(x.dtype, cfg.options["precond_dtype"]))
+      for (path, x), s in zip(leaves, stacked, strict=True)
+  ]
+  return planning.plan_layout(specs, cfg.structure, cfg.group_multiple)
 
 
-@dataclasses.dataclass(frozen=True)
-class GroupLayout:
-  """Static layout of a :class:`FactorGroups`: the groups and where each leaf's units sit.
-
-  Attributes:
-    treedef: the params' tree structure.
-    groups: the :class:`~optax_rlx._kron_plan.FactorGroup` of every group, in storage order.
-    slots: one :class:`~optax_rlx._kron_plan.Slot` per leaf.
-    batched: per leaf, whether its factors carry a leading axis of layers and blocks.
-    group_axes: the mesh axes the group axis is sharded over (``scale_by_kron``'s option).
-  """
-
-  treedef: Any
-  groups: tuple[planning.FactorGroup, ...]
-  slots: tuple[planning.Slot, ...]
-  batched: tuple[bool, ...]
-  group_axes: tuple[str, ...] | None = None
-
-
-@jax.tree_util.register_pytree_with_keys_class
-class FactorGroups:
-  """Per-unit arrays of Kron's state (factors or Lipschitz estimates), stored by factor group.
-
-  Every fitting unit (a leaf, a layer of a stacked leaf, a block) whose factors have the same
-  shapes and dtypes sits in one group: ``groups[k]`` is a tuple with one array per axis of the
-  units, each with a leading group axis of length ``layout.groups[k].size``. The group axis is
-  what :func:`optax_rlx.state_sharding` shards, so each device stores and fits its share.
-  :meth:`by_leaf` gives the per-leaf view.
-  """
-
-  __slots__ = ("groups", "layout")
-
-  def __init__(self, groups, layout):
-    self.groups = tuple(groups)
-    self.layout = layout
-
-  def tree_flatten_with_keys(self):
-    keys = [jax.tree_util.SequenceKey(i) for i in range(len(self.groups))]
-    return tuple(zip(keys, self.groups, strict=True)), self.layout
-
-  def tree_flatten(self):
-    return self.groups, self.layout
-
-  @classmethod
-  def tree_unflatten(cls, layout, children):
-    return cls(children, layout)
-
-  def __eq__(self, other):
-    return (isinstance(other, FactorGroups) and self.layout == other.layout
-            and self.groups == other.groups)
-
-  __hash__ = None
-
-  def __repr__(self):
-    return f"FactorGroups({self.groups!r})"
-
-  def by_leaf(self) -> Any:
-    """A pytree like the params whose leaves are tuples of that leaf's factors (or estimates):
-    ``(d, d)`` / ``(d,)`` per axis, with a leading ``(layers · blocks,)`` axis when batched."""
-    per_leaf = []
-    for slot, batched in zip(self.layout.slots, self.layout.batched, strict=True):
-      group = _common.as_tuple(self.groups[slot.group])
-      per_leaf.append(tuple(_take(x, slot, batched) for x in group))
-    return self.layout.treedef.unflatten(per_leaf)
-
-
-def _take(x, slot, batched: bool):
-  """A slot's units of a group array (or of a ``jax.ShapeDtypeStruct``, shape only)."""
-  if isinstance(x, jax.ShapeDtypeStruct):
-    lead = (slot.count,) if batched else ()
-    return jax.ShapeDtypeStruct(lead + tuple(x.shape[1:]), x.dtype)
-  return x[slot.start:slot.start + slot.count] if batched else x[slot.start]
-
-
-def _dtype_key(param, plan, cfg: KronConfig) -> tuple[str, ...]:
-  factors = tuple(str(cfg.factor_dtype(param.dtype, d)) for d in plan.dense)
-  return (*factors, str(_common.stats_dtype(param.dtype)))
-
-
-def group_layout(tree, cfg: KronConfig) -> tuple[GroupLayout, list[planning.LeafPlan]]:
-  """The factor-group layout of ``tree`` (params or updates) and its leaves' plans."""
-  plans = leaf_plans(tree, cfg)
-  leaves, treedef = jax.tree.flatten(tree)
-  keys = [_dtype_key(x, plan, cfg) for x, plan in zip(leaves, plans, strict=True)]
-  groups, slots = planning.group_units(plans, keys, cfg.group_multiple)
-  layout = GroupLayout(treedef=treedef, groups=groups, slots=slots,
-                       batched=tuple(plan.batched for plan in plans), group_axes=cfg.group_axes)
-  return layout, plans
-
-
-def _scaled_identities(group: planning.FactorGroup, per_factor):
-  """Per axis ``per_factor · I`` (dense) or ``per_factor · 1`` (diagonal) for every unit."""
-  return tuple(
-      jnp.broadcast_to(per_factor * (jnp.eye(d) if is_dense else jnp.ones(d)),
-                       shape).astype(dtype)
-      for d, is_dense, shape, dtype in zip(
-          group.block_shape, group.dense, group.factor_shapes,
-          group.dtypes[:len(group.block_shape)], strict=True)
-  )
-
-
-def _init_group(group: planning.FactorGroup, cfg: KronConfig):
-  """Factors ``s^(1/r) I`` (dense) or ``s^(1/r) 1`` (diagonal) per unit, zero estimates, and
-  (with ``cache_precond``) their ``P_i = s^(2/r) I``, else ``()``."""
-  scale = 1.0 if cfg.init_scale is None else cfg.init_scale
-  per_factor = jnp.asarray(scale, jnp.float32) ** (1.0 / len(group.block_shape))
-  factors = _scaled_identities(group, per_factor)
-  lips = tuple(jnp.zeros((group.size,), jnp.float32) for _ in group.block_shape)
-  precond = _scaled_identities(group, per_factor**2) if cfg.cache_precond else ()
-  return factors, lips, precond
-
-
-def _explicit_layout(per_group, layout: GroupLayout, params):
-  """Under an explicit-axes mesh, each group's arrays sharded along the group axis as
-  :func:`optax_rlx.state_sharding` lays them out (``layout.group_axes``); as is otherwise."""
-  specs = [_common.explicit_spec(p) for p in params]
-  if all(spec is None for spec in specs):
-    return per_group
-  mesh = next(jax.typeof(p).sharding.mesh for p, e in zip(params, specs, strict=True)
-              if e is not None)
-  out = []
-  for group, arrays in zip(layout.groups, per_group, strict=True):
-    out.append(tuple(
-        tuple(jax.sharding.reshard(x, _common.group_spec(group.size, x.ndim, layout.group_axes,
-                                                         mesh, OWNER)) for x in part)
-        for part in arrays))
-  return out
-
-
-def init_state(params, cfg: KronConfig) -> KronState:
+def init_state(params: Any, cfg: KronConfig) -> KronState:
+  """Momentum zeros, factors ``s^(1/r) I`` (``s = precond_init_scale``, else 1 until the first
+  refit sets it), zero Lipschitz estimates, and (with ``cache_precond``) ``P_i = s^(2/r) I``."""
   _common.check_inexact_leaves(OWNER, params, "params")
-  mu = _common.momentum_like(params, cfg.mu_dtype) if cfg.use_momentum else ()
-  params, _ = _common.split_variables(params)  # factors never take a param's NNX metadata
-  layout, _ = group_layout(params, cfg)
-  per_group = [_init_group(group, cfg) for group in layout.groups]
-  per_group = _explicit_layout(per_group, layout, jax.tree.leaves(params))
-  qs = FactorGroups([factors for factors, _, _ in per_group], layout)
-  ls = FactorGroups([lips for _, lips, _ in per_group], layout)
-  ps = FactorGroups([p for _, _, p in per_group], layout) if cfg.cache_precond else ()
-  if layout.treedef.num_leaves == 0:
-    # No leaves, no factors: the empty params tree itself, as every params-like part of an
-    # optax state (so `optax.tree.map_params`' placeholder init lines up with real states).
-    qs = ls = params
-    ps = params if cfg.cache_precond else ()
-  return KronState(
-      count=jnp.zeros([], jnp.int32),
-      key=jnp.asarray(cfg.key_data),
-      precond_acc=jnp.ones([], jnp.float32),
-      mu=mu,
-      Qs=qs,
-      Ls=ls,
-      Ps=ps,
-  )
+  mu = _common.momentum_like(params, cfg.options["mu_dtype"]) if cfg.uses_momentum else ()
+  layout = tree_layout(params, cfg)
+  cache = cfg.options["cache_precond"]
+  if not layout.groups:
+    qs = ls = _no_groups()
+    ps = _no_groups() if cache else ()
+  else:
+    groups = [_initial_group(group, cfg) for group in layout.groups]
+    groups = _explicit_layout(groups, layout, jax.tree.leaves(params), cfg)
+    names = [group.name for group in layout.groups]
+    qs = {n: g.factors for n, g in zip(names, groups, strict=True)}
+    ls = {n: g.lips for n, g in zip(names, groups, strict=True)}
+    ps = {n: g.precond for n, g in zip(names, groups, strict=True)} if cache else ()
+  return KronState(count=jnp.zeros([], jnp.int32), key=jnp.asarray(cfg.key_data),
+                   precond_acc=jnp.ones([], jnp.float32), mu=mu, Qs=qs, Ls=ls, Ps=ps)
 
 
-def _leaf_factor_shapes(layout: GroupLayout, i: int) -> tuple[tuple[int, ...], ...]:
-  """Leaf ``i``'s factor shapes in ``layout`` (as ``LeafPlan.factor_shapes`` gives them)."""
-  slot = layout.slots[i]
-  lead = (slot.count,) if layout.batched[i] else ()
-  return tuple(lead + s[1:] for s in layout.groups[slot.group].factor_shapes)
-
-
-def _check_layout(state_layout: GroupLayout, layout: GroupLayout, plans, paths) -> None:
-  """Raises ``ValueError`` naming the first leaf whose factors the state shapes differently,
-  or the options that change a layout without changing any leaf's factor shapes."""
-  if state_layout == layout:
-    return
-  for i, (plan, path) in enumerate(zip(plans, paths, strict=True)):
-    planning.check_factor_shapes(plan, _leaf_factor_shapes(state_layout, i), path)
-  raise ValueError(
-      f"{OWNER}: the state's factor groups (sizes {[g.size for g in state_layout.groups]}, "
-      f"sharded over {state_layout.group_axes}) do not match these updates' layout (sizes "
-      f"{[g.size for g in layout.groups]}, sharded over {layout.group_axes}); was it made with "
-      f"another `group_multiple`, `group_axes` or `precond_dtype`?"
-  )
-
-
-def check_inputs(updates, state, params, obj_fn, cfg: KronConfig):
-  """Raises ``ValueError`` for a foreign state, mismatched trees or shapes, or missing Newton
-  inputs; returns the state's layout and the leaves' plans."""
+def check_inputs(updates: Any, state: Any, params: Any, obj_fn: Any,
+                 cfg: KronConfig) -> planning.Layout:
+  """Raises ``ValueError`` for a foreign state, mismatched trees or shapes, a state made for
+  another layout, or missing Newton inputs; returns the updates' layout."""
   if not isinstance(state, KronState):
     raise ValueError(f"{OWNER}: expected a KronState, got {type(state).__name__}.")
   _common.check_inexact_leaves(OWNER, updates, "the updates")
-  # No leaves: init kept the (empty) params tree as `Qs`, there is no layout to compare.
-  empty = not jax.tree.leaves(updates) and not jax.tree.leaves(state.Qs)
-  if not empty and not isinstance(state.Qs, FactorGroups):
-    raise ValueError(
-        f"{OWNER}: the state's `Qs` is a {type(state.Qs).__name__}, not the FactorGroups "
-        f"that init makes."
-    )
-  if not empty and cfg.cache_precond != isinstance(state.Ps, FactorGroups):
-    have = "has" if isinstance(state.Ps, FactorGroups) else "has no"
-    raise ValueError(
-        f"{OWNER}: the state {have} cached preconditioner factors (`Ps`) but this transform "
-        f"has cache_precond={cfg.cache_precond}; init and update with the same options."
-    )
-  if not empty and state.Qs.layout.treedef != jax.tree.structure(updates):
-    _common.check_same_structure(
-        OWNER, state.Qs.layout.treedef.unflatten([0] * state.Qs.layout.treedef.num_leaves),
-        "the optimizer state", updates, "the updates",
-    )
+  if cfg.uses_momentum:
+    _common.check_same_shapes(OWNER, state.mu, "the optimizer state", updates, "the updates")
   if params is not None:
     _common.check_same_shapes(OWNER, params, "the params", updates, "the updates")
-  layout, plans = group_layout(updates, cfg)
-  if not empty:
-    paths = [_common.path_str(p) for p, _ in jax.tree_util.tree_flatten_with_path(updates)[0]]
-    _check_layout(state.Qs.layout, layout, plans, paths)
-  if cfg.criterion == "newton":
+  layout = tree_layout(updates, cfg)
+  _check_groups(state, layout, cfg)
+  if cfg.options["criterion"] == "newton":
     if obj_fn is None:
       raise ValueError(
           f"{OWNER}: criterion='newton' needs `obj_fn` (params -> scalar loss) passed to "
@@ -279,4 +131,172 @@ def check_inputs(updates, state, params, obj_fn, cfg: KronConfig):
       )
     if params is None:
       raise ValueError(f"{OWNER}: criterion='newton' needs `params` passed to `update`.")
-  return layout, plans
+  return layout
+
+
+def group_factors(state: KronState, layout: planning.Layout) -> list[GroupFactors]:
+  """The state's groups, in ``layout``'s order (checked by :func:`check_inputs`)."""
+  return [
+      GroupFactors(factors=_common.as_tuple(state.Qs[g.name]),
+                   lips=_common.as_tuple(state.Ls[g.name]),
+                   precond=_common.as_tuple(state.Ps[g.name]) if has_cache(state) else None)
+      for g in layout.groups
+  ]
+
+
+def with_groups(state: KronState, layout: planning.Layout,
+                groups: list[GroupFactors]) -> KronState:
+  """``state`` holding ``groups`` (in ``layout``'s order)."""
+  names = [g.name for g in layout.groups]
+  return state._replace(
+      Qs={n: g.factors for n, g in zip(names, groups, strict=True)},
+      Ls={n: g.lips for n, g in zip(names, groups, strict=True)},
+      Ps={n: g.precond for n, g in zip(names, groups, strict=True)} if has_cache(state) else (),
+  )
+
+
+def by_leaf(groups: Mapping[str, GroupArrays], layout: planning.Layout, treedef: Any) -> Any:
+  """A pytree like the params whose leaves are tuples of that leaf's arrays in ``groups``
+  (``Qs``, ``Ls`` or ``Ps``): ``(d, d)`` / ``(d,)`` per axis (``()`` for estimates), with a
+  leading ``(layers · blocks,)`` axis for stacked or blocked leaves."""
+  per_leaf = []
+  for plan, slot in zip(layout.plans, layout.slots, strict=True):
+    arrays = _common.as_tuple(groups[layout.groups[slot.group].name])
+    per_leaf.append(tuple(_take(x, slot, plan.batched) for x in arrays))
+  return treedef.unflatten(per_leaf)
+
+
+def has_cache(state: KronState) -> bool:
+  """Whether ``state`` holds cached ``P_i`` (``cache_precond``): ``Ps`` is not ``()``."""
+  return not (isinstance(state.Ps, tuple) and not state.Ps)
+
+
+def _dtype_key(param_dtype: Any, precond_dtype: Any) -> planning.DtypeKey:
+  """Dense factors of complex params are complex (``precond_dtype`` names their precision);
+  diagonal factors are always real; computations run in float32 or wider."""
+  compute = _common.stats_dtype(param_dtype)
+  dense = (compute if precond_dtype is None
+           else _common.like_param_dtype(precond_dtype, param_dtype))
+  return planning.DtypeKey(dense=jnp.dtype(dense).name,
+                           diagonal=_common.real_dtype(dense).name,
+                           compute=jnp.dtype(compute).name)
+
+
+def _no_groups() -> jax.Array:
+  """The ``Qs`` (``Ls``, ``Ps``) of a params tree with no leaves: one array, so that
+  ``optax.tree.map_params`` (which inits on a leafless placeholder) sees factor state there."""
+  return jnp.zeros((0,), jnp.float32)
+
+
+def _initial_group(group: planning.FactorGroup, cfg: KronConfig) -> GroupFactors:
+  scale = cfg.options["precond_init_scale"]
+  per_factor = jnp.asarray(1.0 if scale is None else scale, jnp.float32)
+  per_factor = per_factor ** (1.0 / len(group.block_shape))
+  cache = cfg.options["cache_precond"]
+  return GroupFactors(
+      factors=_scaled_identities(group, per_factor),
+      lips=tuple(jnp.zeros((group.size,), jnp.float32) for _ in group.block_shape),
+      precond=_scaled_identities(group, per_factor**2) if cache else None,
+  )
+
+
+def _scaled_identities(group: planning.FactorGroup, per_factor: jax.Array) -> GroupArrays:
+  """Per axis ``per_factor · I`` (dense) or ``per_factor · 1`` (diagonal) for every unit."""
+  return tuple(
+      jnp.broadcast_to(per_factor * (jnp.eye(d) if is_dense else jnp.ones(d)),
+                       shape).astype(dtype)
+      for d, is_dense, shape, dtype in zip(group.block_shape, group.dense, group.factor_shapes,
+                                           group.factor_dtypes, strict=True)
+  )
+
+
+def _explicit_layout(groups: list[GroupFactors], layout: planning.Layout, params: list,
+                     cfg: KronConfig) -> list[GroupFactors]:
+  """Under an explicit-axes mesh, each group's arrays sharded along the group axis over
+  ``group_axes`` (:func:`optax_rlx.state_sharding` reads this layout); as is otherwise."""
+  specs = [_common.explicit_spec(p) for p in params]
+  if all(spec is None for spec in specs):
+    return groups
+  mesh = next(jax.typeof(p).sharding.mesh for p, e in zip(params, specs, strict=True)
+              if e is not None)
+  axes = cfg.options["group_axes"]
+
+  def place(group, arrays):
+    if arrays is None:
+      return None
+    return tuple(jax.sharding.reshard(x, _common.group_spec(group.size, x.ndim, axes, mesh,
+                                                            OWNER)) for x in arrays)
+
+  return [GroupFactors(*(place(group, part) for part in g))
+          for group, g in zip(layout.groups, groups, strict=True)]
+
+
+def _take(x: Any, slot: planning.Slot, batched: bool) -> Any:
+  """A slot's units of a group array (or of a ``jax.ShapeDtypeStruct``, shape only)."""
+  if isinstance(x, jax.ShapeDtypeStruct):
+    lead = (slot.count,) if batched else ()
+    return jax.ShapeDtypeStruct(lead + tuple(x.shape[1:]), x.dtype)
+  return x[slot.start:slot.start + slot.count] if batched else x[slot.start]
+
+
+def _check_groups(state: KronState, layout: planning.Layout, cfg: KronConfig) -> None:
+  """Raises ``ValueError`` naming the group (and leaf, and options) where the state's factor
+  groups differ from what ``layout`` expects."""
+  cache = cfg.options["cache_precond"]
+  if cache != has_cache(state):
+    have = "has" if has_cache(state) else "has no"
+    raise ValueError(
+        f"{OWNER}: the state {have} cached preconditioner factors (`Ps`) but this transform "
+        f"has cache_precond={cache}; init and update with the same options."
+    )
+  fields = {"Qs": state.Qs, "Ls": state.Ls, **({"Ps": state.Ps} if cache else {})}
+  if not layout.groups:
+    return
+  for field, groups in fields.items():
+    if not isinstance(groups, Mapping):
+      raise ValueError(
+          f"{OWNER}: the state's `{field}` is a {type(groups).__name__}, not the dict of "
+          f"factor groups that init makes for these params."
+      )
+  names = {g.name for g in layout.groups}
+  extra = sorted(set(state.Qs) - names)
+  for index, group in enumerate(layout.groups):
+    if group.name not in state.Qs:
+      _raise_missing(group, index, layout, sorted(state.Qs))
+    for field, groups in fields.items():
+      _check_group_arrays(field, group, index, _common.as_tuple(groups[group.name]), layout)
+  if extra:
+    raise ValueError(
+        f"{OWNER}: the state has factor groups {extra} that these updates do not have; was it "
+        f"made for other params, or with other {_LAYOUT_OPTIONS}?"
+    )
+
+
+def _raise_missing(group: planning.FactorGroup, index: int, layout: planning.Layout,
+                   have: list[str]) -> None:
+  i = layout.members(index)[0]
+  plan = layout.plans[i]
+  raise ValueError(
+      f"{OWNER}: leaf {layout.paths[i]} has gradient shape {plan.leaf_shape}, whose "
+      f"preconditioner factors {plan.factor_shapes} belong in factor group {group.name!r}, "
+      f"which the state does not have (its groups: {have}); was it made for other params, or "
+      f"with other {_LAYOUT_OPTIONS}?"
+  )
+
+
+def _check_group_arrays(field: str, group: planning.FactorGroup, index: int,
+                        arrays: tuple, layout: planning.Layout) -> None:
+  if field == "Ls":
+    expected = tuple((group.size,) for _ in group.block_shape)
+  else:
+    expected = group.factor_shapes
+  got = tuple(tuple(x.shape) for x in arrays)
+  if got == expected:
+    return
+  leaves = ", ".join(layout.paths[i] for i in layout.members(index)[:5])
+  raise ValueError(
+      f"{OWNER}: factor group {group.name!r} (leaves {leaves}) has {field} of shapes {got} in "
+      f"the state, but these updates need {expected} ({group.units} units padded to "
+      f"{group.size}); was the state made with another `group_multiple`, or for other params "
+      f"or with other {_LAYOUT_OPTIONS}?"
+  )

@@ -7,7 +7,7 @@ import optax
 from jax.sharding import NamedSharding, PartitionSpec
 
 from optax_rlx import _common
-from optax_rlx._kron_state import FactorGroups, KronState
+from optax_rlx._kron_state import KronState, has_cache
 
 _OWNER = "state_sharding"
 
@@ -44,16 +44,17 @@ def state_sharding(tx: optax.GradientTransformation, params: Any, param_sharding
     ``P('data', 'model')`` is ``(rows, 1)`` and gets ``P('data', None)``: it keeps the sharding of
     the axis it runs along and drops the reduced one.
   - **Kron factors** (``Qs``), their Lipschitz estimates (``Ls``) and cached preconditioner
-    factors (``Ps``) are stored by *factor
-    group*: every fitting unit (a leaf, a layer of a stacked leaf, a block) with the same factor
-    shapes and dtypes sits in one array with a leading group axis. That axis is sharded over
-    Kron's ``group_axes`` option (default: every axis of the params' mesh, in order), keeping
-    each axis only while the product of the kept axes' sizes divides the group's size; so each
-    device stores and refits its share of every group, and a group too small to divide (e.g. a
-    single embedding) is replicated. Pad groups with ``kron(..., group_multiple=n)`` to shard
-    them evenly over ``n`` devices. Units are ordered by leaf, then layer and block, so a stacked
-    leaf's layers (or a blocked leaf's row blocks) sharded like the param stay on the devices
-    holding them.
+    factors (``Ps``) are stored by *factor group*: every fitting unit (a leaf, a layer of a
+    stacked leaf, a block) with the same factor shapes and dtypes sits in one array with a
+    leading group axis. That axis is sharded over Kron's ``group_axes`` option (default: every
+    axis of the params' mesh, in order), keeping each axis only while the product of the kept
+    axes' sizes divides the group's size; so each device stores and refits its share of every
+    group, and a group too small to divide (e.g. a single embedding) is replicated. Pad groups
+    with ``kron(..., group_multiple=n)`` to shard them evenly over ``n`` devices. Units are
+    ordered by leaf, then layer and block, so a stacked leaf's layers (or a blocked leaf's row
+    blocks) sharded like the param stay on the devices holding them. Kron's ``init`` lays the
+    groups out so under an explicit-axes mesh; this function reads that layout off
+    ``jax.eval_shape(tx.init)`` on the params placed on an explicit-axes copy of their mesh.
   - Everything else (counters, PRNG keys, injected hyperparameters, refit accumulators) is
     replicated.
 
@@ -118,26 +119,20 @@ def state_sharding(tx: optax.GradientTransformation, params: Any, param_sharding
     ]
     return treedef.unflatten(out)
 
-  def factor_groups(groups):
-    layout = groups.layout
-    return FactorGroups(
-        [tuple(NamedSharding(mesh, _common.group_spec(group.size, len(x.shape),
-                                                      layout.group_axes, mesh, _OWNER))
-               for x in _common.as_tuple(arrays))
-         for group, arrays in zip(layout.groups, groups.groups, strict=True)],
-        layout,
-    )
+  def on_mesh(placed):  # a group array's sharding on the explicit mesh, on the params' mesh
+    spec = placed.sharding.spec if placed.sharding else PartitionSpec()
+    return replicated if all(e is None for e in spec) else NamedSharding(mesh, spec)
 
-  def kron(state: KronState):
-    return state._replace(
-        count=replicated, key=replicated, precond_acc=replicated,
-        mu=assign(state.mu), Qs=factor_groups(state.Qs), Ls=factor_groups(state.Ls),
-        Ps=factor_groups(state.Ps) if isinstance(state.Ps, FactorGroups) else state.Ps,
-    )
+  def kron(state: KronState, placed: KronState):
+    groups = jax.tree.map(on_mesh, (placed.Qs, placed.Ls, placed.Ps if has_cache(placed) else ()))
+    return state._replace(count=replicated, key=replicated, precond_acc=replicated,
+                          mu=assign(state.mu, state.mu), Qs=groups[0], Ls=groups[1],
+                          Ps=groups[2])
 
-  def assign(node):
+  def assign(node, placed):
+    """Shardings of ``node``; ``placed`` is the same part of the explicitly placed state."""
     if isinstance(node, KronState):
-      return kron(node)
+      return kron(node, placed)
     if _is_masked(node):
       return node
     aligned = params_like(node)
@@ -146,6 +141,22 @@ def state_sharding(tx: optax.GradientTransformation, params: Any, param_sharding
     children, treedef = jax.tree.flatten(node, is_leaf=lambda x: x is not node)
     if treedef.num_nodes == 1 and treedef.num_leaves == 1:  # an array leaf
       return replicated
-    return treedef.unflatten([assign(c) for c in children])
+    placed_children = treedef.flatten_up_to(placed)
+    return treedef.unflatten([assign(c, p) for c, p in zip(children, placed_children,
+                                                            strict=True)])
 
-  return assign(abstract)
+  return assign(abstract, _explicitly_placed(tx, params, sharding_leaves, param_def))
+
+
+def _explicitly_placed(tx, params, shardings, param_def):
+  """``jax.eval_shape(tx.init)`` on the params placed on an explicit-axes copy of their mesh,
+  where the state's abstract arrays carry the shardings ``init`` gives them."""
+  mesh = shardings[0].mesh
+  explicit = jax.sharding.Mesh(mesh.devices, mesh.axis_names,
+                               axis_types=(jax.sharding.AxisType.Explicit,) * len(mesh.axis_names))
+  placed = param_def.unflatten([
+      jax.ShapeDtypeStruct(p.shape, p.dtype, sharding=NamedSharding(explicit, s.spec))
+      for p, s in zip(jax.tree.leaves(params), shardings, strict=True)
+  ])
+  with jax.set_mesh(explicit):
+    return jax.eval_shape(tx.init, placed)

@@ -401,43 +401,6 @@ def test_matches_torch_adafactor_rule(rng, lr, weight_decay):
 # ---------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(
-    "factoring, shape, expected_row, expected_col",
-    [
-        ("largest_two", (3, 200, 150), (3, 1, 150), (3, 200, 1)),
-        ("largest_two", (300, 2, 140), (1, 2, 140), (300, 2, 1)),
-        ("last_two", (300, 2, 140), None, None),  # 2 < 128: not factored
-        ("last_two", (7, 130, 140), (7, 130, 1), (7, 1, 140)),
-        (lambda path, shape: (0, 2), (130, 5, 140), (130, 5, 1), (1, 5, 140)),
-        (lambda path, shape: None, (130, 140), None, None),
-        ("none", (300, 400), None, None),
-    ],
-)
-def test_factoring_policies_pick_axes(factoring, shape, expected_row, expected_col):
-  state = optax_rlx.scale_by_adafactor(factoring=factoring).init(jnp.zeros(shape))
-  if expected_row is None:
-    assert state.v.shape == shape and state.v_row.shape == (1,)
-  else:
-    assert state.v_row.shape == expected_row and state.v_col.shape == expected_col
-    assert state.v.shape == (1,)
-
-
-def test_callable_rule_receives_path_and_per_leaf_tree():
-  seen = []
-
-  def rule(path, shape):
-    seen.append((path, shape))
-    return None if "embed" in path else (0, 1)
-
-  params = {"embed": jnp.zeros((300, 200)), "dense": jnp.zeros((300, 200))}
-  state = optax_rlx.scale_by_adafactor(factoring=rule).init(params)
-  assert ("['embed']", (300, 200)) in seen
-  assert state.v["embed"].shape == (300, 200) and state.v_row["dense"].shape == (300, 1)
-  tree_rule = {"embed": "none", "dense": "last_two"}
-  state = optax_rlx.scale_by_adafactor(factoring=tree_rule).init(params)
-  assert state.v["embed"].shape == (300, 200) and state.v_row["dense"].shape == (300, 1)
-
-
 @pytest.mark.parametrize("factoring", ["last_two", "largest_two"])
 def test_stacked_layers_get_per_layer_statistics(rng, factoring):
   """A (L, n, m) leaf has the second moments of L separate (n, m) leaves.

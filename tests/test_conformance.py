@@ -287,8 +287,20 @@ def test_state_structure_does_not_depend_on_hyperparameter_values(factory, value
   assert jax.tree.structure(base) == jax.tree.structure(plain)
 
 
+def _params_shaped_parts(state, params):
+  """The subtrees of ``state`` with the params' tree structure (momenta, statistics)."""
+  if jax.tree.structure(state) == jax.tree.structure(params):
+    return [state]
+  children, treedef = jax.tree.flatten(state, is_leaf=lambda x: x is not state)
+  if treedef.num_nodes == 1 and treedef.num_leaves == 1:
+    return []
+  return [part for child in children for part in _params_shaped_parts(child, params)]
+
+
 @pytest.mark.parametrize("entry", OPTIMIZERS)
 def test_tree_map_params(entry):
+  """``f`` reaches exactly the state's params-shaped parts (all of them, nothing else: Kron's
+  factors are not params, so an alias without momentum has no such part at all)."""
   tx = entry.make(0.1)
   params = _tree()
   _, state, _ = _run(tx, params)
@@ -296,10 +308,28 @@ def test_tree_map_params(entry):
   assert jax.tree.structure(mapped) == jax.tree.structure(state)
   before, after = jax.tree.leaves(state), jax.tree.leaves(mapped)
   changed = [not np.array_equal(a, b) for a, b in zip(before, after, strict=True)]
-  assert any(changed)
+  sevens = sum(len(jax.tree.leaves(p)) for p in _params_shaped_parts(mapped, params))
+  assert sum(changed) == sevens
+  assert any(changed) == bool(_params_shaped_parts(state, params))
   for a, b in zip(before, after, strict=True):  # counters are not param trees: untouched
     if jnp.issubdtype(a.dtype, jnp.integer):
       np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("entry", OPTIMIZERS)
+def test_tree_map_params_gives_param_specs_to_the_params_shaped_parts(entry):
+  """optax's documented use: the state's partition specs from the params' (a second tree like
+  the params), ``None`` for everything else."""
+  tx = entry.make(0.1)
+  params = _tree()
+  state = tx.init(params)
+  specs = jax.tree.map(lambda _: "spec", params)
+  out = optax.tree.map_params(tx, lambda _, spec: spec, state, specs,
+                              transform_non_params=lambda _: None)
+  got = jax.tree.leaves(out)
+  assert got.count("spec") == sum(len(jax.tree.leaves(p))
+                                  for p in _params_shaped_parts(state, params))
+  assert set(got) <= {"spec"}  # every other leaf became None (no leaf)
 
 
 @pytest.mark.parametrize("entry", OPTIMIZERS)

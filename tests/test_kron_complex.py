@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from kron_helpers import one_unit
 
 import optax_rlx
 from optax_rlx import _kron_numerics
@@ -47,8 +48,8 @@ def _cond(c):
 
 
 def _precondition(state, x):
-  dense = tuple(q.ndim == 2 for q in state.Qs.by_leaf())
-  return _kron_numerics.precondition(tuple(state.Qs.by_leaf()), x, dense)
+  factors = one_unit(state.Qs)
+  return _kron_numerics.precondition(factors, x, tuple(q.ndim == 2 for q in factors))
 
 
 def _fit(tx, sample, shape, steps):
@@ -76,13 +77,13 @@ def test_complex_whitening_reaches_inverse_sqrt_covariance(rng, geometry):
       update_clip=None, geometry=geometry, max_skew_dense=float("inf"), key=3,
   )
   state = _fit(tx, sample, (m, n), 4000)
-  assert [q.dtype for q in state.Qs.by_leaf()] == [jnp.complex64, jnp.complex64]
+  assert [q.dtype for q in one_unit(state.Qs)] == [jnp.complex64, jnp.complex64]
   G = jax.vmap(sample)(jax.random.split(jax.random.key(1), 4000))
   U = jax.vmap(lambda g: _precondition(state, g))(G)
   assert min(_cond(c) for c in _side_covariances(G)) > 500
   white = [_cond(c) for c in _side_covariances(U)]
   assert max(white) <= 2.0, white
-  q_left = np.asarray(state.Qs.by_leaf()[0], np.complex128)
+  q_left = np.asarray(one_unit(state.Qs)[0], np.complex128)
   p_left = q_left.conj().T @ q_left
   evals, evecs = np.linalg.eigh(np.asarray(A @ A.conj().T, np.complex128))
   target = evecs @ np.diag(evals**-0.5) @ evecs.conj().T
@@ -97,7 +98,7 @@ def test_complex_diagonal_factors_stay_real_and_positive(rng):
   tx = optax_rlx.scale_by_kron(precond_update_prob=1.0, key=0)  # (64, 8): the 64-axis diagonal
   scales = jnp.asarray(np.exp(rng.uniform(-2, 2, (64, 1))), jnp.float32)
   state = _fit(tx, lambda k: scales * _cnormal(k, (64, 8)), (64, 8), 300)
-  diag, dense = state.Qs.by_leaf()
+  diag, dense = one_unit(state.Qs)
   assert diag.dtype == jnp.float32 and dense.dtype == jnp.complex64
   assert float(diag.min()) > 0
   # Whitening: the diagonal follows E|g_i|^2 ^(-1/4) per row.
@@ -209,5 +210,6 @@ def test_complex_params_keep_dtype_through_the_alias_in_float64():
     assert jax.tree.map(lambda x: x.dtype, new_state) == jax.tree.map(lambda x: x.dtype, state)
     kron_state = new_state[0]
     # (7, 3): 7² > 2 · 21, so the 7-axis is diagonal (real), the 3-axis dense (complex).
-    assert [q.dtype for q in kron_state.Qs.by_leaf()["w"]] == [jnp.float64, jnp.complex128]
-    assert kron_state.Qs.by_leaf()["b"][0].dtype == jnp.float64
+    factors = optax_rlx.kron_by_leaf(kron_state.Qs, params)
+    assert [q.dtype for q in factors["w"]] == [jnp.float64, jnp.complex128]
+    assert factors["b"][0].dtype == jnp.float64

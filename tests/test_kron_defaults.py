@@ -9,9 +9,11 @@ import math
 
 import jax
 import jax.numpy as jnp
+import kron_reference
 import numpy as np
 import optax
 import pytest
+from kron_helpers import one_unit
 
 import optax_rlx
 from optax_rlx import _kron_numerics
@@ -27,7 +29,7 @@ def _rotated(rng, n, cond):
 
 
 def _factors(state):
-  qs = state.Qs.by_leaf()
+  qs = one_unit(state.Qs)
   return tuple(q.astype(jnp.float32) for q in qs), tuple(q.ndim == 2 for q in qs)
 
 
@@ -50,7 +52,7 @@ def _side_condition(u):
 @pytest.mark.parametrize("shape", [(24, 12), (12, 24), (64, 32), (6, 5, 4), (3, 3, 16, 32)])
 def test_default_structure_is_dense_on_every_axis_of_small_tensors(shape):
   state = optax_rlx.scale_by_kron().init(jnp.zeros(shape))
-  assert [q.shape for q in state.Qs.by_leaf()] == [(d, d) for d in shape]
+  assert [q.shape for q in one_unit(state.Qs)] == [(d, d) for d in shape]
 
 
 @pytest.mark.parametrize("shape, expected", [
@@ -59,8 +61,9 @@ def test_default_structure_is_dense_on_every_axis_of_small_tensors(shape):
     ((7,), [(7,)]),
 ])
 def test_default_structure_keeps_long_skewed_axes_diagonal(shape, expected):
-  state = optax_rlx.scale_by_kron().init(jax.ShapeDtypeStruct(shape, jnp.float32))
-  assert [q.shape for q in jax.eval_shape(lambda: state).Qs.by_leaf()] == expected
+  params = jax.ShapeDtypeStruct(shape, jnp.float32)
+  state = jax.eval_shape(optax_rlx.scale_by_kron().init, params)
+  assert [q.shape for q in optax_rlx.kron_by_leaf(state.Qs, params)] == expected
 
 
 def _shapes(tree):
@@ -120,7 +123,7 @@ def test_default_budget_makes_the_least_skewed_axes_dense():
   both sides by default; 4x MLP axes, vocabularies and positions stay diagonal."""
   def factor_shapes(params):
     state = jax.eval_shape(optax_rlx.scale_by_kron().init, params)
-    return jax.tree.map(lambda q: q.shape, state.Qs.by_leaf(),
+    return jax.tree.map(lambda q: q.shape, optax_rlx.kron_by_leaf(state.Qs, params),
                         is_leaf=lambda x: isinstance(x, jax.ShapeDtypeStruct))
 
   gpt2 = factor_shapes(_gpt2_small())
@@ -131,7 +134,8 @@ def test_default_budget_makes_the_least_skewed_axes_dense():
   assert lm["block1"]["fc"] == ((64, 64), (256,)) and lm["embed"] == ((256,), (64, 64))
   # The budget off: the per-leaf rule alone (the former default).
   off = jax.eval_shape(optax_rlx.scale_by_kron(dense_budget=0.0).init, _small_lm())
-  assert off.Qs.by_leaf()["block1"]["qkv"][1].shape == (192,)
+  off_factors = optax_rlx.kron_by_leaf(off.Qs, _small_lm(), dense_budget=0.0)
+  assert off_factors["block1"]["qkv"][1].shape == (192,)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -235,7 +239,7 @@ def test_rank_deficient_dense_factors_are_solved_by_every_geometry(geometry, lr)
   tx = optax_rlx.kron(optax.cosine_decay_schedule(lr, 3000), geometry=geometry,
                       max_skew_dense=math.inf)
   losses, _, state = _train(lambda p: jnp.mean(_rosenbrock(p)), p0, tx, 3000)
-  assert state[0].Qs.by_leaf()[1].shape == (64, 64)
+  assert one_unit(state[0].Qs)[1].shape == (64, 64)
   assert losses[-1] < 1e-8, losses[-1]
 
 
@@ -324,3 +328,41 @@ def test_default_kron_beats_adam_100x_on_rotated_non_square_least_squares(shape)
   kron_loss = best(optax_rlx.kron, (3e-3, 1e-2, 3e-2))
   adam_loss = best(optax.adam, (1e-2, 3e-2, 1e-1))
   assert kron_loss * 100 <= adam_loss, (kron_loss, adam_loss)
+
+
+# ---------------------------------------------------------------------------------------------
+# The whole update at the defaults against a float64 NumPy Kron.
+# ---------------------------------------------------------------------------------------------
+
+
+def test_default_updates_and_factors_follow_a_float64_numpy_kron():
+  """``scale_by_kron()`` on a non-square matrix, a 3-D tensor, a (40, 4) matrix whose long axis
+  is diagonal, a vector and a scalar, for 8 steps of random gradients spanning 1e-3 ... 1e3,
+  against :class:`kron_reference.DefaultKron`: momentum, the initial scale, one fitting step per
+  step on every factor (Lipschitz estimates carried, factors rebalanced), ``P`` before the fit,
+  the RMS clip. Agreement to float32 round-off grown by 8 steps of feedback."""
+  rng = np.random.default_rng(4)
+  shapes = {"w": (8, 5), "t": (3, 4, 5), "tall": (40, 4), "b": (7,), "s": ()}
+  params = {k: jnp.zeros(s) for k, s in shapes.items()}
+  tx = optax_rlx.scale_by_kron()
+  state = tx.init(params)
+  dense_of = {k: tuple(q.ndim == 2 for q in qs)
+              for k, qs in optax_rlx.kron_by_leaf(state.Qs, params).items()}
+  assert dense_of["tall"] == (False, True) and dense_of["t"] == (True, True, True)
+  reference = kron_reference.DefaultKron(dense_of)
+  step = jax.jit(tx.update)
+  for t in range(8):
+    grads = {k: rng.standard_normal(s) * 10.0 ** rng.uniform(-3, 3) for k, s in shapes.items()}
+    updates, state = step({k: jnp.asarray(g, jnp.float32) for k, g in grads.items()}, state)
+    expected = reference.update({k: np.asarray(g, np.float32) for k, g in grads.items()})
+    for k in shapes:
+      want = expected[k]
+      np.testing.assert_allclose(np.asarray(updates[k]), want, rtol=5e-4,
+                                 atol=5e-5 * np.abs(want).max(), err_msg=f"{k}, step {t}")
+  factors = optax_rlx.kron_by_leaf(state.Qs, params)
+  for k in shapes:
+    for got, want in zip(factors[k], reference.factors[k], strict=True):
+      assert np.abs(want - np.eye(want.shape[0]) * want[0, 0] if want.ndim == 2 else want).max(
+      ) > 1e-3  # the factors moved
+      np.testing.assert_allclose(np.asarray(got), want, rtol=5e-4,
+                                 atol=5e-5 * np.abs(want).max(), err_msg=k)

@@ -1,4 +1,5 @@
-"""Kron's numerics (one fitting unit): kernels against their dense definitions."""
+"""Kron's shared numerics (``_kron_numerics``): kernels against their dense definitions, exact
+power-of-two scaling, the normalised fitting pair, and the Lipschitz step."""
 
 import jax
 import jax.numpy as jnp
@@ -6,14 +7,6 @@ import numpy as np
 import pytest
 
 from optax_rlx import _kron_numerics
-
-
-@pytest.mark.parametrize("n, min_block", [(5, 512), (300, 64), (515, 128)])
-def test_upper_triangular_matmul_skips_only_zero_blocks(rng, n, min_block):
-  a = np.triu(rng.standard_normal((n, n))).astype(np.float32)
-  b = np.triu(rng.standard_normal((n, n))).astype(np.float32)
-  got = np.asarray(_kron_numerics.upper_matmul(jnp.asarray(a), jnp.asarray(b), min_block=min_block))
-  np.testing.assert_allclose(got, a.astype(np.float64) @ b, rtol=1e-4, atol=1e-3)
 
 
 @pytest.mark.parametrize("shape", [(3, 40), (40, 3), (4, 5, 6), (7,)])
@@ -46,36 +39,6 @@ def test_norm_lower_bounds_are_tight_lower_bounds(rng):
   assert float(_kron_numerics.norm_lower_bound(jnp.zeros((5, 5)))) == 0.0
 
 
-def test_procrustes_rotation_keeps_p_and_symmetrises(rng):
-  s = rng.standard_normal((6, 6))
-  q = s @ s.T + 6 * np.eye(6)
-  q_skewed = (q + 0.05 * rng.standard_normal((6, 6))).astype(np.float32)
-  rotated = np.asarray(_kron_numerics.procrustes_rotation(jnp.asarray(q_skewed)), np.float64)
-  p_before = q_skewed.astype(np.float64).T @ q_skewed
-  np.testing.assert_allclose(rotated.T @ rotated, p_before, rtol=1e-3, atol=1e-3)
-  asym = lambda m: np.linalg.norm(m - m.T)  # noqa: E731
-  assert asym(rotated) < 0.5 * asym(q_skewed)
-
-
-def test_factored_procrustes_rotation_equals_the_full_one(rng):
-  """Starting from a symmetric q, the step's asymmetry is exactly left @ rightᵀ (scaled)."""
-  n, k = 40, 4
-  s = rng.standard_normal((n, n))
-  q = jnp.asarray(s @ s.T / n + np.eye(n), jnp.float32)
-  y = jnp.asarray(rng.standard_normal((n, k)), jnp.float32)
-  w = q.T @ y
-  stepped = q - 0.01 * (y @ w.T)
-  left, right = jnp.concatenate([y, w], 1), jnp.concatenate([w, -y], 1)
-  full = np.asarray(_kron_numerics.procrustes_rotation(stepped))
-  factored = np.asarray(_kron_numerics.procrustes_rotation_factored(stepped, left, right))
-  assert np.abs(full - np.asarray(stepped)).max() > 1e-4  # the rotation did something
-  np.testing.assert_allclose(factored, full, rtol=1e-5, atol=1e-6)
-  # A generator that cancels to zero (y yᵀ - y yᵀ) leaves q exactly alone, with no NaN.
-  unchanged = _kron_numerics.procrustes_rotation_factored(q, jnp.concatenate([y, y], 1),
-                                                  jnp.concatenate([y, -y], 1))
-  np.testing.assert_array_equal(np.asarray(unchanged), np.asarray(q))
-
-
 # ---------------------------------------------------------------------------------------------
 # Complex fitting units: conjugate transposes wherever the real code transposes.
 # ---------------------------------------------------------------------------------------------
@@ -100,18 +63,6 @@ def test_complex_precondition_matches_explicit_q_hermitian_q(rng, shape):
   np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max())
 
 
-@pytest.mark.parametrize("axis", [0, 1, 2])
-def test_complex_solve_applies_the_inverse_conjugate_transpose(rng, axis):
-  shape = (4, 5, 6)
-  d = shape[axis]
-  q = np.triu(_complex(rng, (d, d))) + 3 * np.eye(d)
-  x = _complex(rng, shape)
-  got = np.asarray(_kron_numerics.solve_transposed(jnp.asarray(q, jnp.complex64),
-                                                   jnp.asarray(x), axis, True))
-  back = np.moveaxis(np.tensordot(q.conj().T, got, axes=(1, axis)), 0, axis)  # Qᴴ (Q⁻ᴴ x) = x
-  np.testing.assert_allclose(back, x, rtol=1e-4, atol=1e-4)
-
-
 def test_complex_gram_terms_are_hermitian_with_real_diagonals(rng):
   x = jnp.asarray(_complex(rng, (4, 7)))
   full = np.asarray(_kron_numerics.gram(x, 0, True))
@@ -121,31 +72,6 @@ def test_complex_gram_terms_are_hermitian_with_real_diagonals(rng):
   np.testing.assert_allclose(diagonal, np.real(np.diag(full)), rtol=1e-5)
   bound = float(_kron_numerics.norm_lower_bound(jnp.asarray(full)))
   assert 0.7 * np.linalg.norm(full, 2) <= bound <= np.linalg.norm(full, 2) * (1 + 1e-5)
-
-
-def test_complex_procrustes_rotations_keep_p_and_hermitise(rng):
-  n, k = 40, 4
-  s = _complex(rng, (n, n)).astype(np.complex128)
-  q = jnp.asarray(s @ s.conj().T / n + np.eye(n), jnp.complex64)
-  y = jnp.asarray(_complex(rng, (n, k)))
-  w = q.conj().T @ y
-  stepped = q - 0.01 * (y @ w.conj().T)
-  left, right = jnp.concatenate([y, w], 1), jnp.concatenate([w, -y], 1)
-  full = np.asarray(_kron_numerics.procrustes_rotation(stepped), np.complex128)
-  factored = np.asarray(_kron_numerics.procrustes_rotation_factored(stepped, left, right))
-  stepped = np.asarray(stepped, np.complex128)
-  herm = lambda m: np.linalg.norm(m - m.conj().T) / np.linalg.norm(m)  # noqa: E731
-  assert herm(full) < 0.8 * herm(stepped)
-  np.testing.assert_allclose(factored, full, rtol=1e-5, atol=1e-5)
-  rotated = jnp.asarray(stepped, jnp.complex64)  # repeated rotations: Hermitian, same P
-  for _ in range(30):
-    rotated = _kron_numerics.procrustes_rotation(rotated)
-  rotated = np.asarray(rotated, np.complex128)
-  assert herm(rotated) < 1e-3 < herm(stepped)
-  assert np.linalg.eigvalsh((rotated + rotated.conj().T) / 2).min() > 0
-  p_before = stepped.conj().T @ stepped
-  np.testing.assert_allclose(rotated.conj().T @ rotated, p_before, rtol=0,
-                             atol=1e-3 * np.abs(p_before).max())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -184,17 +110,6 @@ def test_initial_scale_follows_the_gradient_scale_exactly(rng, k):
   np.testing.assert_allclose(got, reference * 10.0 ** (-k / 2), rtol=1e-5)
 
 
-def test_lipschitz_estimate_heals_after_overflow():
-  """An estimate stored at the float32 maximum still gives finite, useful steps later."""
-  big = jnp.finfo(jnp.float32).max
-  lip, step = _kron_numerics._normalised_step(big, jnp.float32(2.0), 0.1, 0.9, jnp.float32, 64)
-  assert np.isfinite(float(lip)) and float(step) > 0
-  lip, step = _kron_numerics._normalised_step(jnp.float32(4.0), jnp.float32(2.0), 0.1, 0.9,
-                                              jnp.float32, 0)
-  np.testing.assert_allclose(float(lip), 3.8, rtol=1e-6)  # 0.9 · 4 + 0.1 · 2 = 3.8 >= 2
-  np.testing.assert_allclose(float(step), 0.1 / 3.8, rtol=1e-6)
-
-
 def _random_signs(key, shape, dtype):
   words = jax.random.bits(key, (_kron_numerics.sign_words(shape, dtype),), jnp.uint32)
   return _kron_numerics.signs_from_words(words, shape, dtype)
@@ -214,3 +129,43 @@ def test_random_signs_have_identity_covariance(dtype):
   np.testing.assert_allclose(n.mean(axis=0), 0.0, atol=0.04)
   other = np.asarray(_random_signs(jax.random.key(8), (20000, 40), dtype))
   assert np.mean(n == other) < 0.55  # different keys, different signs
+
+
+def test_lipschitz_step_follows_the_estimate_and_never_drops_below_the_bound():
+  size = _kron_numerics.StepSize(jnp.float32(0.1), jnp.float32(0.9))
+  lip, step = _kron_numerics.lipschitz_step(jnp.float32(4.0), jnp.float32(2.0), size,
+                                            jnp.float32)
+  np.testing.assert_allclose(float(lip), 3.8, rtol=1e-6)  # 0.9 · 4 + 0.1 · 2 = 3.8 >= 2
+  np.testing.assert_allclose(float(step), 0.1 / 3.8, rtol=1e-6)
+  lip, _ = _kron_numerics.lipschitz_step(jnp.float32(1.0), jnp.float32(5.0), size, jnp.float32)
+  assert float(lip) == 5.0  # a jump up is taken at once
+
+
+@pytest.mark.parametrize("scale", [1e-30, 1.0, 1e30])
+def test_normalise_pair_divides_by_one_exact_power_of_two(rng, scale):
+  a = jnp.asarray(rng.standard_normal((6, 4)) * scale, jnp.float32)
+  b = jnp.asarray(rng.standard_normal((6, 4)) * scale * 3, jnp.float32)
+  pair, e = _kron_numerics.normalise_pair(a, b)
+  assert float(jnp.max(jnp.abs(pair.b))) <= 1.0 < 2 * float(jnp.max(jnp.abs(pair.b)))
+  np.testing.assert_array_equal(np.asarray(_kron_numerics.ldexp(pair.a, e)), np.asarray(a))
+  assert pair.probe_variance is None
+  # Without B (E[v vᴴ] = I integrated out) the scale never drops below 1: e >= 0.
+  pair, e = _kron_numerics.normalise_pair(a, None)
+  assert pair.b is None and int(e) == max(0, int(_kron_numerics.pow2_exponent(a)))
+  # 4^-e in float32 (0 where it underflows: the probe's term is then below round-off).
+  np.testing.assert_allclose(float(pair.probe_variance), np.float32(4.0 ** -int(e)), rtol=1e-6)
+
+
+def test_diagonal_step_integrates_out_the_identity_probe(rng):
+  """With ``B`` None the probe's Gram term is ``probe_variance · numel / n`` on every entry."""
+  a = jnp.asarray(rng.standard_normal((5, 3)), jnp.float32)
+  pair = _kron_numerics.Pair(a, None, jnp.float32(0.25))
+  size = _kron_numerics.StepSize(jnp.float32(0.1), jnp.float32(0.0))
+  q = jnp.ones(5, jnp.float32)
+  new_q, lip = _kron_numerics.diagonal_step(q, jnp.float32(0.0), pair, 0, size)
+  term1 = np.sum(np.asarray(a, np.float64) ** 2, axis=1)
+  term2 = 0.25 * 15 / 5
+  bound = term1.max() + term2
+  np.testing.assert_allclose(float(lip), bound, rtol=1e-6)
+  np.testing.assert_allclose(np.asarray(new_q), 1 - 0.1 / bound * (term1 - term2), rtol=1e-6)
+

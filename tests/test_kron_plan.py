@@ -66,25 +66,27 @@ def test_stacked_and_blocked_plans_batch_layers_and_blocks():
 def test_inner_layout_round_trips_and_keeps_blocks_contiguous(shape, stacked, block_size):
   plan = planning.make_plan(shape, stacked, _rule(block_size=block_size), "['x']")
   x = np.arange(int(np.prod(shape)), dtype=np.float64).reshape(shape)
-  inner = planning.to_inner(x, plan)
-  assert inner.shape == plan.lead + plan.block_shape
-  np.testing.assert_array_equal(planning.from_inner(inner, plan), x)
+  inner = planning.to_units(x, plan)
+  assert inner.shape == (plan.units, *plan.block_shape)
+  np.testing.assert_array_equal(planning.from_units(inner, plan), x)
   if plan.blocked and not stacked:  # the first unit is the leading corner block of the leaf
     corner = x[tuple(slice(0, d) for d in plan.block_shape)]
     np.testing.assert_array_equal(inner[0], corner)
 
 
-def test_factor_shape_check_names_the_leaf():
-  plan = planning.make_plan((4, 5), False, _rule(max_skew_dense=float("inf")), "['w']")
-  planning.check_factor_shapes(plan, ((4, 4), (5, 5)), "['w']")
-  with pytest.raises(ValueError, match=r"\['w'\].*\(4, 5\)"):
-    planning.check_factor_shapes(plan, ((4, 4), (4, 4)), "['w']")
+F32 = planning.DtypeKey("float32", "float32", "float32")
+
+
+def _leaves(shapes, stacked=None, dtypes=None):
+  stacked = stacked or [False] * len(shapes)
+  dtypes = dtypes or [F32] * len(shapes)
+  return [planning.LeafSpec(f"[{i}]", tuple(s), k, d)
+          for i, (s, k, d) in enumerate(zip(shapes, stacked, dtypes, strict=True))]
 
 
 def _plans(shapes, budget, **kw):
   rule = _rule(max_skew_dense=2.0, dense_budget=budget, **kw)
-  return planning.plan_leaves(list(shapes), [False] * len(shapes), rule,
-                              [f"[{i}]" for i in range(len(shapes))])
+  return planning.plan_leaves(_leaves(shapes), rule)
 
 
 def test_dense_budget_admits_skewed_axes_least_skewed_first_and_by_whole_class():
@@ -108,14 +110,38 @@ def test_dense_budget_counts_layers_and_blocks_and_keeps_the_other_rules():
   rule = _rule(max_skew_dense=2.0, dense_budget=1.0, block_size=24)
   # A stacked (4, 8, 48) leaf in blocks of 24: 8 units of (8, 24), each 24² > 2 · 192 skewed;
   # 8 · (64 + 576) = 5120 entries > 1.0 · 1552: the 24-axes stay diagonal ...
-  plans = planning.plan_leaves([(4, 8, 48), (16,)], [True, False], rule, ["s", "v"])
+  plans = planning.plan_leaves(_leaves([(4, 8, 48), (16,)], [True, False]), rule)
   assert plans[0].lead == (8,) and plans[0].dense == (True, False)
   # ... and fit 1.0 · 5536 once the tree holds more entries.
-  plans = planning.plan_leaves([(4, 8, 48), (4000,)], [True, False], rule, ["s", "v"])
+  plans = planning.plan_leaves(_leaves([(4, 8, 48), (4000,)], [True, False]), rule)
   assert plans[0].dense == (True, True)
   # Never past max_size_dense, min_ndim_dense or memory_save_mode, whatever the budget.
   for kw in ({"max_size_dense": 16}, {"min_ndim_dense": 3}, {"memory_save_mode": "one_diag"}):
-    plans = planning.plan_leaves([(8, 24), (10**6,)], [False, False],
-                                 _rule(max_skew_dense=2.0, dense_budget=float("inf"), **kw),
-                                 ["w", "v"])
+    plans = planning.plan_leaves(
+        _leaves([(8, 24), (10**6,)]), _rule(max_skew_dense=2.0, dense_budget=float("inf"), **kw))
     assert plans[0].dense[1] is False, kw
+
+
+def test_layout_groups_units_by_factor_shapes_and_dtypes_in_leaf_order_and_pads():
+  bf16 = planning.DtypeKey("bfloat16", "bfloat16", "float32")
+  layout = planning.plan_layout(
+      _leaves([(3, 2), (5,), (3, 2), (5,), (3, 2), (3, 2)], dtypes=[F32] * 5 + [bf16]),
+      _rule(max_skew_dense=2.0), multiple=4)
+  assert [(g.name, g.units, g.size) for g in layout.groups] == [
+      ("3x3_2x2_float32", 3, 4), ("5_float32", 2, 4), ("3x3_2x2_bfloat16_float32", 1, 4)]
+  assert [(s.group, s.start, s.count) for s in layout.slots] == [
+      (0, 0, 1), (1, 0, 1), (0, 1, 1), (1, 1, 1), (0, 2, 1), (2, 0, 1)]
+  assert layout.members(0) == [0, 2, 4] and layout.groups[0].factor_shapes == ((4, 3, 3), (4, 2, 2))
+  assert layout.groups[2].factor_dtypes == ("bfloat16", "bfloat16")
+
+
+def test_group_names_spell_factor_shapes_storage_and_compute_dtypes():
+  def name(block_shape, dense, dtypes):
+    return planning.FactorGroup(block_shape, dense, planning.DtypeKey(*dtypes), 1, 1).name
+
+  assert name((64, 192), (True, True), ("float32",) * 3) == "64x64_192x192_float32"
+  assert name((64, 256), (True, False), ("bfloat16", "bfloat16", "float32")) == (
+      "64x64_256_bfloat16_float32")
+  assert name((7,), (False,), ("complex64", "float32", "complex64")) == "7_float32_complex64"
+  assert name((4, 4), (True, True), ("complex128", "float64", "complex128")) == (
+      "4x4_4x4_complex128")

@@ -1,4 +1,5 @@
-"""The library's layout stays readable: module and function sizes, and an acyclic import graph.
+"""The library's layout stays readable: module and function sizes, an acyclic import graph, and
+one test module per library module.
 
 Limits (issue 9): no module of ``optax_rlx/`` over 600 lines; no function, nested closures
 included, over 120 lines of code, where its docstring, blank lines and comment-only lines do not
@@ -113,7 +114,16 @@ def test_plan_module_runs_no_jax_math():
 
 
 def test_numerics_modules_use_no_optax_and_no_pytrees():
-  for name in ("_kron_numerics.py",):
+  for name in ("_kron_numerics.py", "_kron_geometry.py"):
     source = (PACKAGE / name).read_text()
     assert "import optax" not in source
     assert "jax.tree" not in source and "tree_util" not in source
+
+
+@pytest.mark.parametrize("path", [p for p in MODULES if p.name != "__init__.py"],
+                         ids=lambda p: p.name)
+def test_every_module_has_its_test_module(path):
+  """``optax_rlx/_x.py`` is tested in ``tests/test_x.py`` (topic suites such as the conformance
+  suite come on top)."""
+  assert (PACKAGE.parent / "tests" / f"test{path.name}").exists()
+

@@ -2,8 +2,8 @@
 
 The suite is dominated by compiling Kron's update, and XLA's backend optimisation level 0
 compiles it about 30% faster (measured 2026-12-03: four slow tests 91 s -> 67 s). The level
-changes rounding only, not the math, so every tolerance holds; the pinned runs are recorded
-under the same flags (``tests/pinned_runs.py`` applies them too).
+changes rounding only, not the math, so every tolerance holds. The multi-device checks
+(``tests/test_sharding.py``) pass the same flags to their subprocesses.
 """
 
 import os
