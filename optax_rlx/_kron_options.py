@@ -140,7 +140,7 @@ class KronConfig(NamedTuple):
 
 def precond_update_prob_schedule(
     max_prob: float = 1.0, min_prob: float = 0.03, decay: float = 0.001, flat_start: int = 500
-) -> UpdateProbSchedule:
+) -> optax.Schedule:
   """Probability of refitting the preconditioner: flat at ``max_prob``, then exponential decay.
 
   ``p(t) = clip(max_prob * exp(-decay * (t - flat_start)), min_prob, max_prob)``: with the
@@ -154,7 +154,8 @@ def precond_update_prob_schedule(
     flat_start: number of steps at ``max_prob``.
 
   Returns:
-    An optax schedule of the step count.
+    An optax schedule of the step count (a frozen dataclass: equal schedules compare equal,
+    and its repr shows its numbers).
 
   Example:
     >>> import optax_rlx

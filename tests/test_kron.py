@@ -533,44 +533,6 @@ def test_momentum_is_bias_corrected_before_preconditioning():
     np.testing.assert_allclose(np.asarray(u), m / (1 - 0.9**t), rtol=1e-5)
 
 
-def _precondition_f64(factors, x):
-  """``P x`` in float64 NumPy: ``Q_iᵀ Q_i`` (dense) or ``q_i²`` (diagonal) on each axis."""
-  for axis, q in enumerate(factors):
-    q = np.asarray(q, np.float64)
-    p = q.T @ q if q.ndim == 2 else np.diag(q * q)
-    x = np.moveaxis(np.tensordot(p, x, axes=(1, axis)), 0, axis)
-  return x
-
-
-@pytest.mark.parametrize("update_prob", [None, 0.5])
-def test_update_is_clipped_p_times_debiased_momentum(rng, update_prob):
-  """At the defaults (None: a refit every step here; 0.5: every other step) the update is
-  ``P m̂`` clipped to RMS 1.1, ``P`` of the factors before the step: on refit steps it is the
-  fit's own ``P h̃`` (``h̃`` = ``m̂`` damped by 1e-9 of its RMS). Checked against float64 NumPy on
-  a non-square matrix, a vector and a rank-1 (rank-deficient) matrix, from step 2 on (step 1
-  also sets the initial scale)."""
-  shapes = {"w": (12, 5), "b": (7,), "r": (16, 9)}
-  options = {} if update_prob is None else {"precond_update_prob": update_prob}
-  tx = optax_rlx.scale_by_kron(key=0, **options)
-  params = {k: jnp.zeros(s) for k, s in shapes.items()}
-  state = tx.init(params)
-  step = jax.jit(tx.update)
-  m = {k: np.zeros(s) for k, s in shapes.items()}
-  for t in range(1, 9):
-    g = {k: rng.standard_normal(s) * 10.0 ** rng.uniform(-3, 3) for k, s in shapes.items()}
-    g["r"] = np.outer(rng.standard_normal(16), rng.standard_normal(9))
-    factors = optax_rlx.kron_by_leaf(state.Qs, params)
-    u, state = step({k: jnp.asarray(v, jnp.float32) for k, v in g.items()}, state)
-    for k in shapes:
-      m[k] = 0.9 * m[k] + 0.1 * np.asarray(g[k], np.float32)
-      if t == 1:
-        continue
-      expected = _precondition_f64(factors[k], m[k] / (1 - 0.9**t))
-      expected /= max(1.0, np.sqrt(np.mean(expected**2)) / 1.1)
-      np.testing.assert_allclose(np.asarray(u[k]), expected, rtol=2e-4,
-                                 atol=2e-5 * np.abs(expected).max(), err_msg=f"{k}, step {t}")
-
-
 # ---------------------------------------------------------------------------------------------
 # It helps: ill-conditioned problems against Adam.
 # ---------------------------------------------------------------------------------------------

@@ -4,6 +4,7 @@ conditional where it must."""
 
 import jax
 import jax.numpy as jnp
+import kron_reference
 import numpy as np
 import optax
 import pytest
@@ -12,12 +13,7 @@ import optax_rlx
 
 
 def _precondition_f64(factors, x):
-  """``P x`` in float64 NumPy: ``Q_iᴴ Q_i`` (dense) or ``q_i²`` (diagonal) on each axis."""
-  for axis, q in enumerate(factors):
-    q = np.asarray(q, np.float64)
-    p = q.T @ q if q.ndim == 2 else np.diag(q * q)
-    x = np.moveaxis(np.tensordot(p, x, axes=(1, axis)), 0, axis)
-  return x
+  return kron_reference.precondition([np.asarray(q, np.float64) for q in factors], x)
 
 
 def _objective(params):
@@ -26,6 +22,7 @@ def _objective(params):
 
 @pytest.mark.parametrize("options", [
     {},  # procrustes whitening on the momentum: the fit's own P h̃ is the update
+    {"precond_update_prob": 0.5},  # refits every other step: both branches of the cond
     {"precond_fit_on": "gradient"},
     {"criterion": "newton"},
     {"geometry": "triangular"},
@@ -33,9 +30,10 @@ def _objective(params):
 ], ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()) or "defaults")
 def test_every_refit_step_updates_with_p_before_the_fit(rng, options):
   """``clip(P m̂)`` with ``P`` of the factors the step starts from, on refit steps (every step
-  here: the default schedule's first 500) and in float64 NumPy, on a non-square matrix, a vector
-  and a rank-1 matrix; from step 2 on (step 1 also sets the initial scale). The factors move at
-  every step, so ``P`` after the fit would miss by far more than the tolerance."""
+  with the default schedule's first 500) and the others, in float64 NumPy, on a non-square
+  matrix, a vector and a rank-1 matrix; from step 2 on (step 1 also sets the initial scale). The
+  factors move at every refit, so ``P`` after the fit would miss by far more than the
+  tolerance."""
   shapes = {"w": (12, 5), "b": (7,), "r": (16, 9)}
   params = {k: jnp.asarray(rng.standard_normal(s), jnp.float32) for k, s in shapes.items()}
   tx = optax_rlx.scale_by_kron(key=0, **options)
@@ -60,7 +58,7 @@ def test_every_refit_step_updates_with_p_before_the_fit(rng, options):
       with_after = _precondition_f64(after[k], m[k] / (1 - 0.9**t))
       moved.append(np.abs(with_after - _precondition_f64(before[k], m[k] / (1 - 0.9**t))).max()
                    / np.abs(with_after).max())
-  assert np.median(moved) > 1e-2  # P before and after a fit differ by far more than round-off
+  assert max(moved) > 1e-2  # P before and after a fit differ by far more than round-off
 
 
 def _square_matmuls(jaxpr, n, inside_cond=False):
