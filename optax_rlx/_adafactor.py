@@ -128,19 +128,21 @@ def _init(params, cfg: _AdafactorConfig) -> AdafactorState:
   v_row, v_col, v = [], [], []
   for (path, p), policy in zip(leaves, policies, strict=True):
     shape, dtype = tuple(p.shape), _common.real_stats_dtype(p.dtype)
-    placeholder = jnp.zeros((1,), dtype)
+    # A (1,) placeholder per slot, never one array in two: a donated state must not hold the
+    # same buffer twice.
+    placeholder = functools.partial(jnp.zeros, (1,), dtype)
     axes = factored_axes(policy, _common.path_str(path), shape, cfg.min_dim_size_to_factor,
                          for_init=True)
     zeros = functools.partial(_common.zeros_like_layout, dtype=dtype, param=p)
     if axes is None:
-      v_row.append(placeholder)
-      v_col.append(placeholder)
+      v_row.append(placeholder())
+      v_col.append(placeholder())
       v.append(zeros(shape))
     else:
       row_axis, col_axis = axes
       v_row.append(zeros(reduced(shape, col_axis)))
       v_col.append(zeros(reduced(shape, row_axis)))
-      v.append(placeholder)
+      v.append(placeholder())
 
   return AdafactorState(
       count=jnp.zeros([], jnp.int32),

@@ -96,8 +96,8 @@ def init_state(params: Any, cfg: KronConfig) -> KronState:
   mu = _common.momentum_like(params, cfg.options["mu_dtype"]) if cfg.uses_momentum else ()
   layout = tree_layout(params, cfg)
   cache = cfg.options["cache_precond"]
-  if not layout.groups:
-    qs = ls = _no_groups()
+  if not layout.groups:  # one array each: a donated state must not hold a buffer twice
+    qs, ls = _no_groups(), _no_groups()
     ps = _no_groups() if cache else ()
   else:
     groups = [_initial_group(group, cfg) for group in layout.groups]

@@ -347,6 +347,22 @@ def test_init_on_abstract_and_empty_trees(entry):
   assert updates == {}
 
 
+@pytest.mark.parametrize("init", ["eager", "jit"])
+@pytest.mark.parametrize("entry", OPTIMIZERS)
+def test_state_can_be_donated(entry, init):
+  """``jax.jit(step, donate_argnums=...)`` on the state (how large models fit in memory): no two
+  leaves of a state may share a buffer, whether ``init`` ran eagerly or under jit, for a tree
+  with leaves and for an empty one."""
+  tx = entry.make(0.1)
+  step = jax.jit(lambda g, s, p: tx.update(g, s, p), donate_argnums=(1,))
+  for params in (_tree(), {}):
+    state = tx.init(params) if init == "eager" else jax.jit(tx.init)(params)
+    for i in range(2):
+      _, state = step(_grads(params, i), state, params)
+    assert all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(state)
+               if jnp.issubdtype(x.dtype, jnp.inexact))
+
+
 @pytest.mark.parametrize("entry", OPTIMIZERS)
 def test_empty_leaves_are_carried_along(entry):
   tx = entry.make(0.1)
