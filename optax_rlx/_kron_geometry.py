@@ -35,7 +35,7 @@ class UnitFactors(NamedTuple):
   """
 
   factors: tuple[jax.Array, ...]
-  lips: tuple[jax.Array, ...]
+  lips: tuple[jax.Array, ...]  # per factor, the square root of its Lipschitz estimate
   precond: tuple[jax.Array, ...] | None
 
 
@@ -68,7 +68,13 @@ def fit_unit(unit: UnitFactors, inputs: FitInputs, dense: tuple[bool, ...], lr,
   ``h`` is damped to ``h̃ = h + (damping · RMS(h) + ε|h|) noise`` (``damping`` alone where
   ``h = 0``), so the damping is scale-free: ``P ⪯ I / (damping · RMS(h))``. The pair is
   normalised once (:func:`~optax_rlx._kron_numerics.normalise_pair`); each factor steps on it
-  with ``μ / L`` (``L`` its Lipschitz estimate, stored unscaled); the factors are rebalanced.
+  with ``μ / L`` (``L`` its Lipschitz estimate); the factors are rebalanced. ``unit.lips`` holds
+  ``√L`` in the pair's own units: ``L`` grows like the pair's square (``|h|`` for the
+  triangular and Newton pairs), so ``√L`` stays inside float32's range wherever the pair does.
+
+  A unit whose target ``h`` is all zero (a frozen or unused param, a zero Hessian-vector
+  product) carries no information: its factors and estimates stay as they are, whatever the
+  damping (undamped, the step would grow them by ``1 + μ`` per refit until they overflow).
 
   Returns:
     The new factors and estimates (the cache ``precond`` passed through unchanged; the caller
@@ -87,11 +93,14 @@ def fit_unit(unit: UnitFactors, inputs: FitInputs, dense: tuple[bool, ...], lr,
   factors, lips = [], []
   for axis, (q, lip, is_dense) in enumerate(zip(unit.factors, unit.lips, dense, strict=True)):
     step = geometry.dense_step(q.shape[0], inputs.h.size) if is_dense else numerics.diagonal_step
-    q, lip = step(q, numerics.ldexp(lip, -2 * e), pair, axis, size)
+    q, lip = step(q, jnp.square(numerics.ldexp(lip, -e)), pair, axis, size)
     factors.append(q)
-    # Stored unscaled, capped at the float32 maximum so that an overflow heals at the next fit.
-    lips.append(jnp.minimum(numerics.ldexp(lip, 2 * e), jnp.finfo(jnp.float32).max))
-  fitted = UnitFactors(numerics.balance(tuple(factors)), tuple(lips), unit.precond)
+    # √L unscaled, capped at the float32 maximum so that an overflow heals at the next fit.
+    lips.append(jnp.minimum(numerics.ldexp(jnp.sqrt(lip), e), jnp.finfo(jnp.float32).max))
+  informative = jnp.any(inputs.h != 0)
+  keep = lambda new, old: jnp.where(informative, new, old)  # noqa: E731
+  fitted = UnitFactors(tuple(map(keep, numerics.balance(tuple(factors)), unit.factors)),
+                       tuple(map(keep, lips, unit.lips)), unit.precond)
   return fitted, preconditioned
 
 
@@ -271,9 +280,12 @@ def procrustes_rotation(q):
 
   ``q ← U q`` with ``U = exp(a R) ≈ I + aR + (aR)²/2``, ``R = qᴴ - q`` normalised to unit
   Frobenius norm, and ``a ≤ 1/4`` from an exact line search of ``Re tr(U q)`` along the quadratic
-  model. ``U`` is unitary to fourth order, so ``P = qᴴ q`` is preserved.
+  model. ``U`` is unitary to fourth order, so ``P = qᴴ q`` is preserved. ``R`` is divided by a
+  power of two before its norm is taken (exact), so an asymmetry whose squares would underflow
+  (entries ~1e-20) still normalises to unit norm instead of overflowing.
   """
   r = ct(q) - q
+  r = numerics.ldexp(r, -numerics.pow2_exponent(r))
   r = r / (jnp.linalg.norm(r) + jnp.finfo(q.dtype).tiny)
   rq = r @ q
   rrq = r @ rq
@@ -285,9 +297,13 @@ def procrustes_rotation_factored(q, left, right):
   """:func:`procrustes_rotation` with the skew generator ``R = left @ rightᴴ`` kept factored.
 
   ``left`` and ``right`` are ``(n, m)`` with ``m < n``: ``R q = left (rightᴴ q)`` and
-  ``R² q = left ((rightᴴ left)(rightᴴ q))`` cost ``O(n² m)`` instead of ``O(n³)``.
+  ``R² q = left ((rightᴴ left)(rightᴴ q))`` cost ``O(n² m)`` instead of ``O(n³)``. Each is first
+  divided by a power of two (exact; ``R``'s direction is unchanged), so the Gram products
+  neither overflow nor underflow for factors of any float32 scale.
   """
   tiny = jnp.finfo(q.dtype).tiny
+  left = numerics.ldexp(left, -numerics.pow2_exponent(left))
+  right = numerics.ldexp(right, -numerics.pow2_exponent(right))
   # ‖R‖_F² = Re Σ (leftᴴ left) ⊙ conj(rightᴴ right) suffers cancellation when R is small next to
   # its factors: below 1e-3 of ‖left‖ ‖right‖ it is round-off, and no rotation is taken.
   gram_product = jnp.real(jnp.sum((ct(left) @ left) * jnp.conj(ct(right) @ right)))

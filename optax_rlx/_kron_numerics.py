@@ -93,11 +93,13 @@ def precondition(factors, x, dense):
   """``P x`` with ``P = Qᴴ Q``: each factor applied as ``Q_iᴴ Q_i`` on its axis.
 
   A dense factor of size ``n`` is applied as ``Q_iᴴ (Q_i x)`` (``4 n · numel`` flops) when
-  ``n² > numel``, else through ``P_i = Q_iᴴ Q_i`` (``2 n³ + 2 n · numel`` flops).
+  ``n² > numel``, else through ``P_i = Q_iᴴ Q_i`` (``2 n³ + 2 n · numel`` flops). A diagonal
+  factor is applied twice, ``(x q) q``: for a vector ``q² ≈ 1 / |x|``, which underflows to zero
+  for gradients near float32's maximum while ``x q`` does not.
   """
   for axis, (q, is_dense) in enumerate(zip(factors, dense, strict=True)):
     if not is_dense:
-      x = apply_on_axis(q * q, x, axis, False)
+      x = apply_on_axis(q, apply_on_axis(q, x, axis, False), axis, False)
     elif q.shape[0] ** 2 > x.size:
       x = apply_on_axis(ct(q), apply_on_axis(q, x, axis, True), axis, True)
     else:

@@ -48,8 +48,9 @@ class KronState(NamedTuple):
       reaches 1 (a deterministic realisation of ``precond_update_prob``).
     mu: pytree like the params, momentum in ``mu_dtype``; ``()`` without momentum.
     Qs: ``{group name: factors}``, in ``precond_dtype``.
-    Ls: ``{group name: estimates}``, one float32 ``(units,)`` array per axis: each factor's
-      Lipschitz estimate normalising its fitting step.
+    Ls: ``{group name: estimates}``, one float32 ``(units,)`` array per axis: the square root
+      of each factor's Lipschitz estimate ``L`` (its fitting step is ``μ / L``; the root keeps
+      it in float32's range for gradients of any float32 scale).
     Ps: with ``cache_precond``, ``{group name: P_i}`` like ``Qs``, holding ``P_i = Q_iᴴ Q_i``
       (dense) or ``q_i²`` (diagonal), recomputed at each refit, so steps without one apply ``P``
       with one matmul per dense factor; ``()`` without the cache.

@@ -116,7 +116,13 @@ def _refit_decision(count, precond_acc, update_prob):
 
 def _fit_batches(key, m_units, grads, newton_inputs, ctx: _Refit) -> list[FitInputs]:
   """Per group the stacked :class:`FitInputs`: whitening fits ``m̂`` or the gradient with no
-  probe; Newton fits ``H v`` with ``v ~ N(0, I)``. Damping noise from the geometry."""
+  probe; Newton fits ``H v`` with ``v ~ N(0, I)``. Damping noise from the geometry.
+
+  A unit whose gradient is all zero (a frozen param, a stretch without gradients) brings no new
+  information, so its target is zero and its fit leaves it alone
+  (:func:`~optax_rlx._kron_geometry.fit_unit`): fitted on the momentum alone, the whitening
+  would follow the stale direction's decay and turn ``P`` ill-conditioned by many decades.
+  """
   layout, options = ctx.layout, ctx.cfg.options
   n = len(layout.plans)
   keys = jax.random.split(key, 2 * n)
@@ -124,7 +130,11 @@ def _fit_batches(key, m_units, grads, newton_inputs, ctx: _Refit) -> list[FitInp
     h_leaves, v_leaves = _hessian_probe(keys[n:], newton_inputs)
     h_units, v_units = _stack_units(layout, h_leaves), _stack_units(layout, v_leaves)
   else:
-    h_units = m_units if options["precond_fit_on"] == "momentum" else _stack_units(layout, grads)
+    g_units = _stack_units(layout, grads)
+    h_units = g_units
+    if options["precond_fit_on"] == "momentum":
+      h_units = [None if g is None else jnp.where(_any_per_unit(g), m, jnp.zeros_like(m))
+                 for g, m in zip(g_units, m_units, strict=True)]
     v_units = [None] * len(layout.groups)
   shapes = [plan.lead + plan.block_shape for plan in layout.plans]
   dtypes = [_common.stats_dtype(g.dtype) for g in grads]
@@ -132,6 +142,11 @@ def _fit_batches(key, m_units, grads, newton_inputs, ctx: _Refit) -> list[FitInp
   noise_units = _stack_groups(layout, [x if p.batched else x[None]
                                        for x, p in zip(noise, layout.plans, strict=True)])
   return [FitInputs(h, v, x) for h, v, x in zip(h_units, v_units, noise_units, strict=True)]
+
+
+def _any_per_unit(x):
+  """Whether each unit (leading axis) of ``x`` has a nonzero entry, shaped to broadcast."""
+  return jnp.any(x != 0, axis=tuple(range(1, x.ndim)), keepdims=True)
 
 
 def _hessian_probe(keys, newton_inputs):

@@ -70,6 +70,9 @@ def fit_reference(geometry, factors, lips, inputs, lr, damping=1e-9, decay=0.9):
     for axis, q in enumerate(factors):
       a = apply(q, a, axis)
       b = apply(np.linalg.inv(q).conj().T if q.ndim == 2 else 1 / q, b, axis)
+  preconditioned = a  # P h̃ with P before the step (procrustes)
+  if not np.any(h != 0):  # no information: the unit is left alone
+    return factors, list(lips), preconditioned
   new_factors, new_lips = [], []
   for axis, (q, lip) in enumerate(zip(factors, lips, strict=True)):
     n, numel = q.shape[0], a.size
@@ -99,7 +102,7 @@ def fit_reference(geometry, factors, lips, inputs, lr, damping=1e-9, decay=0.9):
     new_lips.append(lip)
   norms = [np.abs(q).max() for q in new_factors]
   gmean = np.exp(np.mean(np.log(norms)))
-  return [q * gmean / m for q, m in zip(new_factors, norms, strict=True)], new_lips, a
+  return [q * gmean / m for q, m in zip(new_factors, norms, strict=True)], new_lips, preconditioned
 
 
 def precondition(factors, x):

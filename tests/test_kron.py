@@ -262,6 +262,36 @@ def test_zero_gradients_give_finite_zero_updates(geometry, criterion):
 
 
 @pytest.mark.parametrize("geometry", GEOMETRIES)
+@pytest.mark.parametrize("damping", [0.0, 1e-9])
+def test_frozen_leaves_keep_their_factors_for_any_damping(geometry, damping):
+  """Params the loss does not use (frozen or unused) have exactly zero gradients: their units
+  carry no information, and their factors stay as initialised. Before 2026-12-04, with
+  ``damping=0.0`` (accepted) they grew by 1 + μ per refit until they overflowed, and the first
+  step without a refit (after step 500) turned the param itself into NaN; with the default
+  damping they grew towards ``1 / damping``."""
+  params = {"w": jnp.ones((6, 4)), "frozen": jnp.ones((5, 3)), "fb": jnp.ones(3)}
+  tx = optax_rlx.kron(1e-2, damping=damping, geometry=geometry)
+
+  def loss(p):
+    return jnp.sum((p["w"] - 2.0) ** 2)
+
+  @jax.jit
+  def step(p, s):
+    updates, s = tx.update(jax.grad(loss)(p), s, p)
+    return optax.apply_updates(p, updates), s
+
+  p, state = params, tx.init(params)
+  for _ in range(520):  # past the 500 refits of the flat start
+    p, state = step(p, state)
+  factors = optax_rlx.kron_by_leaf(state[0].Qs, params, geometry=geometry)
+  for q in (*factors["frozen"], *factors["fb"]):
+    np.testing.assert_array_equal(np.asarray(q), np.eye(q.shape[0]) if q.ndim == 2 else 1.0)
+  assert all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(p))
+  np.testing.assert_array_equal(np.asarray(p["frozen"]), 1.0)
+  assert float(loss(p)) < 1e-3 * float(loss(params))
+
+
+@pytest.mark.parametrize("geometry", GEOMETRIES)
 def test_bf16_preconditioner_stays_finite_over_1000_steps(rng, geometry):
   A = jnp.asarray(_factor(rng, 16, 1e3))
   tx = optax_rlx.scale_by_kron(

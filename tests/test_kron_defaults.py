@@ -259,12 +259,19 @@ def _updates_at_scale(tx, grads_seq, scale):
 
 @pytest.mark.parametrize("geometry", GEOMETRIES)
 def test_gradients_over_the_float32_range_give_finite_state_and_the_same_direction(rng, geometry):
+  """Scaled by 10^k, k = -30 ... 30, and to the ends of float32's normal range: the largest
+  entry at float32's maximum (3.4e38), and the smallest at 1.2e-37, where the momentum's
+  (1 - b1) g is still a normal float (XLA flushes subnormal results to zero). Before 2026-12-04
+  the top end broke the vector's P (q² underflowed) and the triangular fit (its Lipschitz
+  estimates, ~|h|, overflowed): norms off by 5-25%."""
   shapes = [(6, 4), (24, 12), (5,), (3, 4, 5), ()]
   grads_seq = [[jnp.asarray(rng.standard_normal(s), jnp.float32) for s in shapes]
                for _ in range(12)]
+  entries = np.abs(np.concatenate([np.ravel(g) for grads in grads_seq for g in grads]))
+  ends = [1.2e-37 / entries.min(), 0.999 * float(jnp.finfo(jnp.float32).max) / entries.max()]
   tx = optax_rlx.scale_by_kron(geometry=geometry)
   reference, _ = _updates_at_scale(tx, grads_seq, 1.0)
-  for k in range(-30, 31, 5):
+  for k in [*range(-30, 31, 5), *np.log10(ends)]:
     out, state = _updates_at_scale(tx, grads_seq, 10.0**k)
     for leaf in jax.tree.leaves(state):
       if jnp.issubdtype(leaf.dtype, jnp.inexact):
@@ -275,6 +282,35 @@ def test_gradients_over_the_float32_range_give_finite_state_and_the_same_directi
       assert cosine > 0.999, (k, u.shape, cosine)
       np.testing.assert_allclose(float(jnp.linalg.norm(u)), float(jnp.linalg.norm(r)),
                                  rtol=1e-3)
+
+
+@pytest.mark.parametrize("geometry", GEOMETRIES)
+@pytest.mark.parametrize("b1", [0.9, None])
+def test_gradients_below_the_normal_range_leave_the_state_finite_and_training_resumes(
+    geometry, b1):
+  """40 steps of gradients ~1e-38 (mostly subnormal: XLA flushes them to zero), then normal ones,
+  on a 24×12 matrix, a vector, a 3-D tensor and a scalar. Before 2026-12-04 the dense factor
+  turned NaN for good: the Procrustes rotation normalised an asymmetry of ~1e-20 by its
+  underflowed norm. With momentum, (1 - b1) g flushes to zero and the fit sees no target;
+  ``b1=None`` fits on the tiny gradient itself."""
+  rng = np.random.default_rng(5)
+  shapes = {"w": (24, 12), "b": (7,), "t": (3, 4, 5), "s": ()}
+  params = {k: jnp.zeros(s) for k, s in shapes.items()}
+  tx = optax_rlx.scale_by_kron(geometry=geometry, b1=b1)
+  state = tx.init(params)
+  step = jax.jit(tx.update)
+  for i in range(60):
+    scale = np.float32(1e-38 if i < 40 else 1.0)
+    grads = {k: jnp.asarray(rng.standard_normal(s) * scale, jnp.float32)
+             for k, s in shapes.items()}
+    updates, state = step(grads, state)
+    for leaf in jax.tree.leaves((updates, state)):
+      if jnp.issubdtype(leaf.dtype, jnp.inexact):
+        assert bool(jnp.all(jnp.isfinite(leaf))), i
+  # Whitened and clipped: RMS at most 1.1, and well above zero (the momentum, zero through the
+  # flushed stretch, is 1 - 0.9^20 of the way back: measured 0.28-1.1).
+  for u in updates.values():
+    assert 0.1 < float(jnp.sqrt(jnp.mean(u**2))) <= 1.1 * (1 + 1e-6)
 
 
 @pytest.mark.parametrize("k", [-30, 30])
@@ -366,3 +402,43 @@ def test_default_updates_and_factors_follow_a_float64_numpy_kron():
       ) > 1e-3  # the factors moved
       np.testing.assert_allclose(np.asarray(got), want, rtol=5e-4,
                                  atol=5e-5 * np.abs(want).max(), err_msg=k)
+
+
+# ---------------------------------------------------------------------------------------------
+# Quiet stretches: training resumes as if they had not happened.
+# ---------------------------------------------------------------------------------------------
+
+
+def test_training_resumes_after_a_stretch_of_zero_gradients():
+  """Least squares (cond 1e4, rotated), 100 steps, then 300 steps of exactly zero gradients (a
+  frozen-then-unfrozen layer), then 100 steps: the loss ends level with 200 uninterrupted steps.
+  Before 2026-12-04 the whitening fit followed the momentum's decay through the stretch (P grew
+  by decades, ill-conditioned along the last gradient) and needed hundreds of refits to recover:
+  measured final loss 2.6e-2 after 100 zero steps and 0.67 after 1000, against 1.6e-3 without
+  the stretch; now 1.1e-3 and 2.1e-3 (the momentum restarts from zero, which helps a little)."""
+  rng = np.random.default_rng(0)
+  x = rng.standard_normal((256, 32)) @ _rotated(rng, 32, 1e4)
+  x = jnp.asarray(x / np.sqrt(np.mean(x**2)), jnp.float32)
+  y = x @ jnp.asarray(rng.standard_normal((32, 16)), jnp.float32)
+
+  def loss(w):
+    return jnp.mean((x @ w - y) ** 2) / jnp.mean(y**2)
+
+  tx = optax_rlx.kron(1e-2)
+
+  @jax.jit
+  def step(w, state, scale):
+    updates, state = tx.update(scale * jax.grad(loss)(w), state, w)
+    return optax.apply_updates(w, updates), state
+
+  def run(quiet_steps):
+    w = jnp.zeros((32, 16))
+    state = tx.init(w)
+    for scale, steps in ((1.0, 100), (0.0, quiet_steps), (1.0, 100)):
+      for _ in range(steps):
+        w, state = step(w, state, jnp.float32(scale))
+    return float(loss(w))
+
+  uninterrupted, resumed = run(0), run(300)
+  assert uninterrupted < 5e-3  # it trains (measured 1.6e-3)
+  assert resumed < 2.0 * uninterrupted, (resumed, uninterrupted)

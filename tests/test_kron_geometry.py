@@ -55,18 +55,18 @@ def test_one_fitting_step_matches_float64_numpy(rng, geometry, shape, dense, new
     return jnp.asarray(scale * x, dtype)
 
   factors = _start(rng, geometry, shape, dense, dtype)
-  lips = [jnp.float32(x) for x in rng.uniform(0.0, 30.0, len(shape))]
+  lips = [jnp.float32(x) for x in rng.uniform(0.0, 30.0, len(shape))]  # √L, as stored
   inputs = FitInputs(h=draw(3.0), v=draw() if newton else None, noise=draw())
   options = FitOptions(GEOMETRIES[geometry], damping=1e-9, lipschitz_decay=0.9)
   fitted, preconditioned = fit_unit(UnitFactors(tuple(factors), tuple(lips), None), inputs,
                                     dense, jnp.float32(0.2), options)
-  want_factors, want_lips, want_a = fit_reference(geometry, factors, [float(x) for x in lips],
+  want_factors, want_lips, want_a = fit_reference(geometry, factors, [float(x)**2 for x in lips],
                                                    inputs, 0.2)
   for got, want, q in zip(fitted.factors, want_factors, factors, strict=True):
     assert got.dtype == q.dtype
     assert np.abs(want - np.asarray(q)).max() > 1e-3  # the step moved the factor
     np.testing.assert_allclose(np.asarray(got), want, rtol=2e-4, atol=2e-5 * np.abs(want).max())
-  np.testing.assert_allclose([float(x) for x in fitted.lips], want_lips, rtol=2e-4)
+  np.testing.assert_allclose([float(x) ** 2 for x in fitted.lips], want_lips, rtol=2e-4)
   if geometry == "procrustes":  # a refit on the momentum gives back P h̃, P before the step
     np.testing.assert_allclose(np.asarray(preconditioned), want_a, rtol=2e-4,
                                atol=2e-5 * np.abs(want_a).max())
@@ -186,6 +186,25 @@ def test_complex_solve_applies_the_inverse_conjugate_transpose(rng, axis):
                                                    jnp.asarray(x), axis, True))
   back = np.moveaxis(np.tensordot(q.conj().T, got, axes=(1, axis)), 0, axis)  # Qᴴ (Q⁻ᴴ x) = x
   np.testing.assert_allclose(back, x, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("asymmetry", [1e-20, 1e-30, 0.0])
+def test_rotations_of_a_nearly_symmetric_factor_stay_finite(rng, asymmetry):
+  """``7 I + 1e-20 noise``: the asymmetry's squares underflow. Normalising it by its (zero)
+  norm made the rotation non-finite before 2026-12-04 (and a factor NaN for good)."""
+  n = 12
+  q = jnp.asarray(7.0 * np.eye(n) + asymmetry * rng.standard_normal((n, n)), jnp.float32)
+  rotated = np.asarray(_kron_geometry.procrustes_rotation(q))
+  assert np.all(np.isfinite(rotated))
+  np.testing.assert_allclose(rotated, np.asarray(q), atol=1e-6)
+  left = jnp.asarray(asymmetry * rng.standard_normal((n, 2)), jnp.float32)
+  right = jnp.asarray(asymmetry * rng.standard_normal((n, 2)), jnp.float32)
+  factored = np.asarray(_kron_geometry.procrustes_rotation_factored(q, left, right))
+  assert np.all(np.isfinite(factored))
+  huge = jnp.asarray(1e19 * rng.standard_normal((n, 2)), jnp.float32)  # Gram products 1e76
+  big_q = jnp.asarray(1e18 * np.eye(n), jnp.float32)
+  assert np.all(np.isfinite(np.asarray(
+      _kron_geometry.procrustes_rotation_factored(big_q, huge, big_q @ huge))))
 
 
 def test_complex_procrustes_rotations_keep_p_and_hermitise():
