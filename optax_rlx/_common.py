@@ -361,11 +361,17 @@ def decoupled_weight_decay(weight_decay: Any, mask: Any) -> optax.GradientTransf
 
   At a Python 0 the step is skipped (and needs no params), but the state is still the one
   ``add_decayed_weights`` builds, so an alias's state has one structure whether ``weight_decay``
-  is 0, another number, or traced by ``optax.inject_hyperparams``.
+  is 0, another number, or traced by ``optax.inject_hyperparams``. The updates keep their dtype
+  (optax's would take float64 params' precision for float32 gradients).
   """
   decay = optax.add_decayed_weights(weight_decay, mask)
   if not is_zero(weight_decay):
-    return decay
+
+    def update(updates, state, params=None):
+      out, state = decay.update(updates, state, params)
+      return jax.tree.map(lambda u, g: u.astype(g.dtype), out, updates), state
+
+    return optax.GradientTransformation(decay.init, update)
 
   def skip(updates, state, params=None):
     del params

@@ -137,11 +137,16 @@ class FactorGroup:
     ``64x64_192x192_float32`` (two dense factors), ``64x64_256_bfloat16_float32`` (a dense and a
     diagonal factor stored in bfloat16, computed in float32), ``7_float32_complex64`` (the
     diagonal factor of a complex vector). The compute dtype is named when it differs."""
-    shapes = "_".join(f"{d}x{d}" if is_dense else f"{d}"
-                      for d, is_dense in zip(self.block_shape, self.dense, strict=True))
     stored = self.dtypes.dense if any(self.dense) else self.dtypes.diagonal
     compute = self.dtypes.compute
-    return f"{shapes}_{stored}" if stored == compute else f"{shapes}_{stored}_{compute}"
+    name = f"{self.shapes}_{stored}"
+    return name if stored == compute else f"{name}_{compute}"
+
+  @property
+  def shapes(self) -> str:
+    """The factor shapes part of :attr:`name`, e.g. ``64x64_256``."""
+    return "_".join(f"{d}x{d}" if is_dense else f"{d}"
+                    for d, is_dense in zip(self.block_shape, self.dense, strict=True))
 
   @property
   def factor_dtypes(self) -> tuple[str, ...]:

@@ -122,7 +122,8 @@ def check_inputs(updates: Any, state: Any, params: Any, obj_fn: Any,
     _common.check_same_shapes(OWNER, state.mu, "the optimizer state", updates, "the updates")
   if params is not None:
     _common.check_same_shapes(OWNER, params, "the params", updates, "the updates")
-  layout = tree_layout(updates, cfg)
+  # The params' dtypes decide the factors' (gradients may come in another precision).
+  layout = tree_layout(updates if params is None else params, cfg)
   _check_groups(state, layout, cfg)
   if cfg.options["criterion"] == "newton":
     if obj_fn is None:
@@ -277,6 +278,15 @@ def _raise_missing(group: planning.FactorGroup, index: int, layout: planning.Lay
                    have: list[str]) -> None:
   i = layout.members(index)[0]
   plan = layout.plans[i]
+  other_dtype = [name for name in have if name.startswith(group.shapes + "_")
+                 and name[len(group.shapes) + 1:][:1].isalpha()]
+  if other_dtype:
+    raise ValueError(
+        f"{OWNER}: leaf {layout.paths[i]} has the factors of group {group.name!r} in another "
+        f"dtype in the state ({other_dtype}): the state was made for params of another dtype, "
+        f"or with another `precond_dtype`. Pass `params` to `update` when the gradients' dtype "
+        f"differs from the params' (the params decide the factors' dtype)."
+    )
   raise ValueError(
       f"{OWNER}: leaf {layout.paths[i]} has gradient shape {plan.leaf_shape}, whose "
       f"preconditioner factors {plan.factor_shapes} belong in factor group {group.name!r}, "

@@ -137,7 +137,7 @@ def _fit_batches(key, m_units, grads, newton_inputs, ctx: _Refit) -> list[FitInp
                  for g, m in zip(g_units, m_units, strict=True)]
     v_units = [None] * len(layout.groups)
   shapes = [plan.lead + plan.block_shape for plan in layout.plans]
-  dtypes = [_common.stats_dtype(g.dtype) for g in grads]
+  dtypes = [_compute_dtype(layout, i) for i in range(n)]
   noise = ctx.cfg.geometry.damping_noise(keys[:n], shapes, dtypes)
   noise_units = _stack_groups(layout, [x if p.batched else x[None]
                                        for x, p in zip(noise, layout.plans, strict=True)])
@@ -242,11 +242,17 @@ def _leaf_updates(units, grads, layout: planning.Layout, update_clip):
 
 
 def _stack_units(layout: planning.Layout, leaves: list):
-  """Per group, its leaves' units of ``leaves`` (in float32 or wider) stacked along the group
-  axis (None for a group of empty units)."""
-  units = [planning.to_units(x.astype(_common.stats_dtype(x.dtype)), plan)
-           for x, plan in zip(leaves, layout.plans, strict=True)]
+  """Per group, its leaves' units of ``leaves`` in the group's compute dtype (float32 or wider:
+  the params', whatever the gradients' dtype) stacked along the group axis (None for a group of
+  empty units)."""
+  units = [planning.to_units(x.astype(_compute_dtype(layout, i)), plan)
+           for i, (x, plan) in enumerate(zip(leaves, layout.plans, strict=True))]
   return _stack_groups(layout, units)
+
+
+def _compute_dtype(layout: planning.Layout, leaf: int) -> jnp.dtype:
+  """The compute dtype of leaf ``leaf``'s factor group."""
+  return jnp.dtype(layout.groups[layout.slots[leaf].group].dtypes.compute)
 
 
 def _stack_groups(layout: planning.Layout, units: list):

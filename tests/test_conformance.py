@@ -394,6 +394,27 @@ def test_updates_and_state_keep_dtypes(entry, dtype):
     assert all(p.dtype == dtype for p in jax.tree.leaves(params))
 
 
+@pytest.mark.parametrize("param_dtype, grad_dtype", [
+    ("float64", "float32"), ("float32", "float64"), ("bfloat16", "float32")])
+@pytest.mark.parametrize("entry", OPTIMIZERS)
+def test_gradients_in_another_precision_than_the_params(entry, param_dtype, grad_dtype):
+  """Mixed precision (float64 params, float32 gradients, or the reverse, under x64): the state
+  keeps the params' dtypes, the updates take the gradients'. Kron refused it before 2026-12-04
+  ('sizes [1] do not match sizes [1]')."""
+  with jax.enable_x64(True):
+    params = _tree(jnp.dtype(param_dtype))
+    tx = entry.make(0.1)
+    state = tx.init(params)
+    spec = jax.tree.map(lambda x: (x.shape, x.dtype), state)
+    for i in range(3):
+      grads = jax.tree.map(lambda g: g.astype(grad_dtype), _grads(params, i))
+      updates, state = jax.jit(tx.update)(grads, state, params)
+      assert all(u.dtype == jnp.dtype(grad_dtype) and bool(jnp.all(jnp.isfinite(u)))
+                 for u in jax.tree.leaves(updates))
+      assert jax.tree.map(lambda x: (x.shape, x.dtype), state) == spec
+      params = jax.tree.map(lambda p, u: (p + u).astype(p.dtype), params, updates)
+
+
 @pytest.mark.parametrize("entry", OPTIMIZERS)
 def test_state_survives_lax_cond(entry):
   tx = entry.make(0.1)
