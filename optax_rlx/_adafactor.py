@@ -210,7 +210,8 @@ def _update_factored(path, policy, g, stats: _LeafStats, beta2, cfg: _AdafactorC
 def _update_leaf(path, policy, g, stats: _LeafStats, beta2, cfg: _AdafactorConfig):
   """One leaf's clipped direction and new statistics ``(Û, v_row, v_col, v)``."""
   v_row, v_col, v = stats
-  factored = len(g.shape) >= 2 and tuple(v.shape) != tuple(g.shape)
+  # The state decides: a factored leaf's full moment is the (1,) placeholder.
+  factored = len(g.shape) >= 2 and tuple(v.shape) == (1,)
   if factored:
     u, v_row, v_col = _update_factored(path, policy, g, stats, beta2, cfg)
   else:

@@ -356,18 +356,25 @@ def resolve_mask(mask: Any, params: Any) -> Any:
   )
 
 
-def decoupled_weight_decay(weight_decay: Any, mask: Any) -> optax.GradientTransformation:
+def decoupled_weight_decay(weight_decay: Any, mask: Any,
+                           owner: str) -> optax.GradientTransformation:
   """``optax.add_decayed_weights(weight_decay, mask)`` with the same state at every value.
 
   At a Python 0 the step is skipped (and needs no params), but the state is still the one
   ``add_decayed_weights`` builds, so an alias's state has one structure whether ``weight_decay``
   is 0, another number, or traced by ``optax.inject_hyperparams``. The updates keep their dtype
-  (optax's would take float64 params' precision for float32 gradients).
+  (optax's would take float64 params' precision for float32 gradients). Without ``params`` the
+  step raises a ``ValueError`` naming ``owner`` and ``weight_decay``.
   """
   decay = optax.add_decayed_weights(weight_decay, mask)
   if not is_zero(weight_decay):
 
     def update(updates, state, params=None):
+      if params is None:
+        raise ValueError(
+            f"{owner}: weight_decay={weight_decay!r} needs the params: pass them to "
+            f"`update(updates, state, params)`."
+        )
       out, state = decay.update(updates, state, params)
       return jax.tree.map(lambda u, g: u.astype(g.dtype), out, updates), state
 

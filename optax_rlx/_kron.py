@@ -138,7 +138,7 @@ def scale_by_kron(**options: Unpack[KronOptions]) -> optax.GradientTransformatio
     update_clip: largest RMS of a preconditioned update per tensor (per layer when stacked, per
       block with ``block_size``); None disables the clip.
     mu_dtype: momentum dtype (its complex counterpart for complex params); None means the
-      gradient's.
+      param's.
     precond_dtype: dtype of the factors (bfloat16 works); None means float32 (float64 for
       float64 params). Gram terms, norms and solves always run in float32 or wider. For complex
       params it names the precision: dense factors take its complex counterpart (complex64
@@ -265,7 +265,7 @@ def kron(
   _common.check_number(OWNER, "weight_decay", weight_decay, low=0.0)
   return optax.chain(
       scale_by_kron(**options),
-      _common.decoupled_weight_decay(weight_decay, weight_decay_mask),
+      _common.decoupled_weight_decay(weight_decay, weight_decay_mask, OWNER),
       optax.scale_by_learning_rate(learning_rate),
   )
 

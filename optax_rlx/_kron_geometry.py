@@ -109,6 +109,8 @@ class Geometry(abc.ABC):
 
   name: str
   reads_cached_p: bool  # whether :meth:`fitting_pair` uses ``UnitFactors.precond``
+  # Named in the state's group names where dense factors are not Hermitian PD (else "").
+  dense_kind: str
 
   @abc.abstractmethod
   def damping_noise(self, keys, shapes: list[tuple[int, ...]], dtypes: list[Any]) -> list:
@@ -149,6 +151,7 @@ class Procrustes(Geometry):
 
   name = "procrustes"
   reads_cached_p = True
+  dense_kind = ""
 
   def damping_noise(self, keys, shapes, dtypes):
     # One draw for every leaf, from the first key: on the CPU each draw is a loop of its own.
@@ -186,6 +189,7 @@ class Triangular(Geometry):
 
   name = "triangular"
   reads_cached_p = False
+  dense_kind = "triangular"
 
   def damping_noise(self, keys, shapes, dtypes):
     return [jax.random.normal(k, s, d) for k, s, d in zip(keys, shapes, dtypes, strict=True)]

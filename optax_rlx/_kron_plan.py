@@ -118,6 +118,9 @@ class FactorGroup:
     units: fitting units taken from the leaves.
     size: length of the group axis: ``units`` padded up to a multiple of the group multiple
       (padding units are fitted on zeros and never applied).
+    dense_kind: what the dense factors are where the geometry makes them other than Hermitian
+      positive definite (``'triangular'``), else ``''``; part of :attr:`name`, so that a state
+      of one geometry is not taken for another's.
   """
 
   block_shape: tuple[int, ...]
@@ -125,6 +128,7 @@ class FactorGroup:
   dtypes: DtypeKey
   units: int
   size: int
+  dense_kind: str = ""
 
   @property
   def factor_shapes(self) -> tuple[tuple[int, ...], ...]:
@@ -136,11 +140,12 @@ class FactorGroup:
     """The group's key in the state: its factors' shapes and storage dtype, e.g.
     ``64x64_192x192_float32`` (two dense factors), ``64x64_256_bfloat16_float32`` (a dense and a
     diagonal factor stored in bfloat16, computed in float32), ``7_float32_complex64`` (the
-    diagonal factor of a complex vector). The compute dtype is named when it differs."""
+    diagonal factor of a complex vector), ``8x8_5x5_float32_triangular`` (upper-triangular dense
+    factors). The compute dtype is named when it differs."""
     stored = self.dtypes.dense if any(self.dense) else self.dtypes.diagonal
     compute = self.dtypes.compute
-    name = f"{self.shapes}_{stored}"
-    return name if stored == compute else f"{name}_{compute}"
+    name = f"{self.shapes}_{stored}" + ("" if stored == compute else f"_{compute}")
+    return f"{name}_{self.dense_kind}" if self.dense_kind and any(self.dense) else name
 
   @property
   def shapes(self) -> str:
@@ -184,11 +189,14 @@ class Layout:
     return [i for i, slot in enumerate(self.slots) if slot.group == group]
 
 
-def plan_layout(leaves: list[LeafSpec], rule: StructureRule, multiple: int) -> Layout:
+def plan_layout(leaves: list[LeafSpec], rule: StructureRule, multiple: int,
+                dense_kind: str = "") -> Layout:
   """The :class:`Layout` of a tree's leaves: plans (:func:`plan_leaves`), grouped by factor
-  shapes and dtypes, each group padded to a multiple of ``multiple`` units."""
+  shapes and dtypes, each group padded to a multiple of ``multiple`` units (``dense_kind``: see
+  :class:`FactorGroup`)."""
   plans = plan_leaves(leaves, rule)
   groups, slots = group_units(plans, [leaf.dtypes for leaf in leaves], multiple)
+  groups = tuple(dataclasses.replace(g, dense_kind=dense_kind) for g in groups)
   return Layout(paths=tuple(leaf.path for leaf in leaves), plans=tuple(plans), groups=groups,
                 slots=slots)
 

@@ -87,7 +87,8 @@ def tree_layout(tree: Any, cfg: KronConfig) -> planning.Layout:
                         dtypes=_dtype_key(x.dtype, cfg.options["precond_dtype"]))
       for (path, x), s in zip(leaves, stacked, strict=True)
   ]
-  return planning.plan_layout(specs, cfg.structure, cfg.group_multiple)
+  return planning.plan_layout(specs, cfg.structure, cfg.group_multiple,
+                              cfg.geometry.dense_kind)
 
 
 def init_state(params: Any, cfg: KronConfig) -> KronState:
@@ -118,6 +119,13 @@ def check_inputs(updates: Any, state: Any, params: Any, obj_fn: Any,
   if not isinstance(state, KronState):
     raise ValueError(f"{OWNER}: expected a KronState, got {type(state).__name__}.")
   _common.check_inexact_leaves(OWNER, updates, "the updates")
+  has_momentum = not (isinstance(state.mu, tuple) and not state.mu)
+  if cfg.uses_momentum != has_momentum and jax.tree.leaves(updates):
+    raise ValueError(
+        f"{OWNER}: the state {'has a' if has_momentum else 'has no'} momentum, but this transform "
+        f"has b1={cfg.options['b1']!r} ({'None turns' if has_momentum else 'a number keeps'} it "
+        f"{'off' if has_momentum else 'on'}); init and update with the same options."
+    )
   if cfg.uses_momentum:
     _common.check_same_shapes(OWNER, state.mu, "the optimizer state", updates, "the updates")
   if params is not None:
@@ -133,6 +141,7 @@ def check_inputs(updates: Any, state: Any, params: Any, obj_fn: Any,
       )
     if params is None:
       raise ValueError(f"{OWNER}: criterion='newton' needs `params` passed to `update`.")
+    _check_objective(obj_fn, params)
   return layout
 
 
@@ -166,6 +175,19 @@ def by_leaf(groups: Mapping[str, GroupArrays], layout: planning.Layout, treedef:
     arrays = _common.as_tuple(groups[layout.groups[slot.group].name])
     per_leaf.append(tuple(_take(x, slot, plan.batched) for x in arrays))
   return treedef.unflatten(per_leaf)
+
+
+def _check_objective(obj_fn: Any, params: Any) -> None:
+  """Raises ``ValueError`` unless ``obj_fn(params)`` is a real scalar (traced shapes only)."""
+  out = jax.eval_shape(obj_fn, params)
+  leaves = jax.tree.leaves(out)
+  if (len(leaves) != 1 or tuple(leaves[0].shape) != ()
+      or not jnp.issubdtype(leaves[0].dtype, jnp.floating)):
+    got = jax.tree.map(lambda x: f"{x.dtype}{list(x.shape)}", out)
+    raise ValueError(
+        f"{OWNER}: criterion='newton' needs `obj_fn(params)` to return a real scalar (the loss "
+        f"whose Hessian-vector products are fitted); it returned {got}."
+    )
 
 
 def has_cache(state: KronState) -> bool:
@@ -282,10 +304,10 @@ def _raise_missing(group: planning.FactorGroup, index: int, layout: planning.Lay
                  and name[len(group.shapes) + 1:][:1].isalpha()]
   if other_dtype:
     raise ValueError(
-        f"{OWNER}: leaf {layout.paths[i]} has the factors of group {group.name!r} in another "
-        f"dtype in the state ({other_dtype}): the state was made for params of another dtype, "
-        f"or with another `precond_dtype`. Pass `params` to `update` when the gradients' dtype "
-        f"differs from the params' (the params decide the factors' dtype)."
+        f"{OWNER}: leaf {layout.paths[i]}'s factors are in the state as {other_dtype}, not as "
+        f"{group.name!r}: the state was made with another `geometry` or `precond_dtype`, or for "
+        f"params of another dtype (pass `params` to `update` when the gradients' dtype differs "
+        f"from the params': the params decide the factors' dtype)."
     )
   raise ValueError(
       f"{OWNER}: leaf {layout.paths[i]} has gradient shape {plan.leaf_shape}, whose "

@@ -651,6 +651,18 @@ def test_bad_trees_raise_value_error_naming_the_leaf():
     optax_rlx.scale_by_adafactor(factoring={"w": "nope"}).init({"w": jnp.zeros((3, 4))})
 
 
+def test_an_unfactored_leaf_of_another_shape_is_not_called_factored():
+  params = {"w": jnp.ones((300, 200)), "b": jnp.ones(5)}
+  tx = optax_rlx.scale_by_adafactor()
+  state = tx.init(params)
+  with pytest.raises(ValueError, match=r"\['b'\] has gradient shape \(5, 2\) but the state was "
+                                       r"initialised for shape \(5,\)"):
+    tx.update({"w": jnp.ones((300, 200)), "b": jnp.ones((5, 2))}, state)
+  with pytest.raises(ValueError, match=r"\['w'\] has gradient shape \(300, 201\), which does not "
+                                       r"match its factored state"):
+    tx.update({"w": jnp.ones((300, 201)), "b": jnp.ones(5)}, state)
+
+
 def test_bad_trees_are_caught_at_trace_time_under_jit():
   params = {"w": jnp.zeros((3, 4))}
   tx = optax_rlx.adafactor(1e-2)

@@ -104,11 +104,14 @@ def test_masks_resolve_from_prefixes_and_callables():
 @pytest.mark.parametrize("weight_decay", [0.0, 0, 1e-3])
 def test_decoupled_weight_decay_keeps_one_state_structure(weight_decay):
   params = {"w": jnp.ones(3)}
-  tx = _common.decoupled_weight_decay(weight_decay, None)
+  tx = _common.decoupled_weight_decay(weight_decay, None, "opt")
   reference = optax.add_decayed_weights(1e-3, None).init(params)
   assert jax.tree.structure(tx.init(params)) == jax.tree.structure(reference)
   updates, _ = tx.update({"w": jnp.zeros(3)}, tx.init(params), params)
   np.testing.assert_allclose(np.asarray(updates["w"]), weight_decay * np.ones(3))
+  if weight_decay:
+    with pytest.raises(ValueError, match=r"opt: weight_decay=0.001 needs the params"):
+      tx.update({"w": jnp.zeros(3)}, tx.init(params))
 
 
 def test_group_specs_shard_the_lead_axis_over_the_axes_that_divide():

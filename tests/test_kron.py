@@ -662,6 +662,16 @@ def test_bad_hyperparameters_raise_value_error_naming_the_option(kwargs, match):
     optax_rlx.kron(1e-3, **kwargs)
 
 
+def test_missing_inputs_raise_naming_what_is_missing():
+  params = {"w": jnp.ones((4, 3))}
+  tx = optax_rlx.kron(1e-2, weight_decay=1e-3)
+  with pytest.raises(ValueError, match=r"kron: weight_decay=0.001 needs the params"):
+    tx.update(params, tx.init(params))  # optax's own message named neither kron nor the option
+  newton = optax_rlx.scale_by_kron(criterion="newton")
+  with pytest.raises(ValueError, match=r"`obj_fn\(params\)` to return a real scalar.*float32\[3\]"):
+    newton.update(params, newton.init(params), params, obj_fn=lambda p: p["w"].sum(0))
+
+
 def test_bad_trees_raise_value_error_naming_the_leaf():
   tx = optax_rlx.scale_by_kron(key=0)
   params = {"w": jnp.zeros((4, 4)), "b": jnp.zeros(3)}

@@ -83,7 +83,7 @@ def test_cached_p_is_the_product_of_the_stored_factors(rng, geometry, dtype, pre
                                cache_precond=True)
   _, state = _run(tx, params, 7)
   rtol = 1e-5 if precond_dtype is None else 2e-2  # P itself is rounded to bfloat16
-  options = dict(precond_dtype=precond_dtype, stacked_layers=STACKED)
+  options = dict(precond_dtype=precond_dtype, stacked_layers=STACKED, geometry=geometry)
   qs_of = optax_rlx.kron_by_leaf(state.Qs, params, **options)
   ps_of = optax_rlx.kron_by_leaf(state.Ps, params, **options)
   for key in params:

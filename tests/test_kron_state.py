@@ -190,3 +190,26 @@ def test_a_params_tree_with_no_leaves_has_no_groups():
   specs = optax.tree.map_params(tx, lambda _, spec: spec, full, {"w": "spec"},
                                 transform_non_params=lambda _: None)
   assert specs[0].mu == {"w": "spec"} and specs[0].Qs is None and specs[0].count is None
+
+
+@pytest.mark.parametrize("made_with, used_with, match", [
+    ({}, {"block_size": 8}, r"leaf \['v'\] .*'8_float32'.*block_size"),
+    ({}, {"stacked_layers": {"w": True, "v": False}}, r"leaf \['w'\] .*stacked_layers"),
+    ({}, {"precond_dtype": "bfloat16"}, r"\['v'\]'s factors are in the state as \['16_float32'\], "
+                                        r"not as '16_bfloat16_float32'.*precond_dtype"),
+    ({}, {"geometry": "triangular"}, r"\['w'\]'s factors .*'16x16_8x8_float32_triangular'.*"
+                                     r"`geometry`"),
+    ({"geometry": "triangular"}, {}, r"\['w'\]'s factors .*\['16x16_8x8_float32_triangular'\].*"
+                                     r"`geometry`"),
+    ({"b1": None}, {}, r"the state has no momentum, but this transform has b1=0.9"),
+    ({}, {"b1": None}, r"the state has a momentum, but this transform has b1=None"),
+    ({}, {"cache_precond": True}, r"cache_precond=True"),
+])
+def test_a_state_made_with_other_options_names_the_option(made_with, used_with, match):
+  """Each message names the leaf or group and the option (issue 27, item 9: a procrustes state
+  was taken silently by a triangular kron and the reverse; a ``b1=None`` state gave a raw pytree
+  error; ``precond_dtype`` read 'sizes [1,1,1,1] do not match sizes [1,1,1,1]')."""
+  params = {"w": jnp.ones((16, 8)), "v": jnp.ones(16)}
+  state = optax_rlx.scale_by_kron(**made_with).init(params)
+  with pytest.raises(ValueError, match=match):
+    optax_rlx.scale_by_kron(**used_with).update(params, state)
