@@ -10,17 +10,14 @@
     timed in blocks of 34 (about one refit per block) and the median block mean is reported, so
     the refits are paid for.
 
-``geometry='triangular'`` rows run only with ``--triangular`` on the CPU: jaxlib 0.10.2's CPU
-runtime intermittently deadlocks (all threads idle, 0% CPU) on programs with several batched
-LAPACK ``trsm`` calls: four ``jax.vmap(jax.scipy.linalg.solve_triangular)`` solves of (8, 256, 64)
-right-hand sides against one (8, 256, 256) batch in one jit hung in 2 of 6 runs, without optax_rlx
-(measured 2026-12-03; ``--xla_cpu_enable_concurrency_optimized_scheduler=false`` makes it rarer,
-not gone).
+``geometry='triangular'`` rows are timed too: on a single CPU device Kron loops its triangular
+solves over the units (jaxlib 0.10.2's batched CPU ``trsm`` deadlocked programs with several of
+them; see ``optax_rlx._kron_geometry._triangular_solve``).
 
 All timings use ``block_until_ready``; optimizers are interleaved block by block so machine noise
 hits them alike. psgd_jax is optional (``pip install psgd-jax flax``); it is skipped if absent.
 
-Usage: ``python benchmarks/kron_speed.py [--quick] [--triangular]``
+Usage: ``python benchmarks/kron_speed.py [--quick]``
 """
 
 import argparse
@@ -120,11 +117,8 @@ def table(title, times, baseline, states, num_params):
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--quick", action="store_true", help="fewer timed blocks")
-  parser.add_argument("--triangular", action="store_true",
-                      help="also time geometry='triangular' on the CPU (may hang: see above)")
   args = parser.parse_args()
   blocks_a, blocks_b = (5, 3) if args.quick else (15, 7)
-  triangular = args.triangular or jax.default_backend() != "cpu"
 
   params = init_params(jax.random.key(0))
   num_params = sum(x.size for x in jax.tree.leaves(params))
@@ -142,9 +136,7 @@ def main():
       "optax_rlx.kron procrustes": optax_rlx.kron(1e-3, geometry="procrustes", key=0, **same),
       "optax.adam": optax.adam(1e-3),
   }
-  if triangular:
-    opt_a["optax_rlx.kron triangular"] = optax_rlx.kron(1e-3, geometry="triangular", key=0,
-                                                        **same)
+  opt_a["optax_rlx.kron triangular"] = optax_rlx.kron(1e-3, geometry="triangular", key=0, **same)
   if psgd_kron is not None:
     opt_a["psgd_jax.kron"] = psgd_kron(1e-3, preconditioner_update_probability=1.0)
   runners, states = {}, {}
@@ -175,10 +167,9 @@ def main():
       ),
       "optax.adam": optax.adam(1e-3),
   }
-  if triangular:
-    opt_b["optax_rlx.kron (triangular)"] = optax_rlx.kron(
-        1e-3, precond_update_prob=0.03, geometry="triangular", key=0
-    )
+  opt_b["optax_rlx.kron (triangular)"] = optax_rlx.kron(
+      1e-3, precond_update_prob=0.03, geometry="triangular", key=0
+  )
   if psgd_kron is not None:
     opt_b["psgd_jax.kron (default)"] = psgd_kron(1e-3, preconditioner_update_probability=0.03)
   runners, states = {}, {}

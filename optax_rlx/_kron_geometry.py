@@ -9,6 +9,7 @@ subclass here, its entry in :data:`GEOMETRIES`, and its name in ``KronOptions``'
 """
 
 import abc
+import functools
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -381,13 +382,47 @@ def solve_transposed(factor, x, axis, dense):
   """``Q_i⁻ᴴ`` applied along ``axis`` of ``x`` (a triangular solve for a dense factor)."""
   if not dense:
     return x / factor.reshape(numerics.axis_shape(x.ndim, axis, factor.shape[0]))
-  solve = jax.lax.linalg.triangular_solve
   conj = jnp.iscomplexobj(factor)
   if axis == x.ndim - 1:  # x conj(Q)⁻¹: solve y conj(Q) = x on the right, no transposes
     flat = x.reshape(-1, x.shape[-1])
-    solved = solve(factor, flat, left_side=False, lower=False, conjugate_a=conj)
+    solved = _triangular_solve(False, False, conj)(factor, flat)
     return solved.reshape(x.shape)
   moved = jnp.moveaxis(x, axis, 0)
   flat = moved.reshape(moved.shape[0], -1)
-  solved = solve(factor, flat, left_side=True, lower=False, transpose_a=True, conjugate_a=conj)
+  solved = _triangular_solve(True, True, conj)(factor, flat)
   return jnp.moveaxis(solved.reshape(moved.shape), 0, axis)
+
+
+@functools.cache
+def _triangular_solve(left_side: bool, transpose_a: bool, conjugate_a: bool):
+  """``lax.linalg.triangular_solve`` (upper triangular ``a``) that, batched on a single CPU
+  device, loops over its batch instead of calling the batched LAPACK kernel.
+
+  jaxlib 0.10.2's batched CPU ``trsm`` (``lapack_strsm_ffi``) spreads its batch over XLA's
+  intra-op pool (``jax::ParallelBatchMap``) and waits on an ``absl::BlockingCounter``; with the
+  default (concurrency-optimized) scheduler and several such calls in one program, that wait
+  never ends while every pool worker sits idle in ``WaitForWork``: a jitted triangular Kron step
+  on a small transformer hung 3 times in 3, five batched solves of (8, n, n) 3 in 3. Unbatched
+  calls in a ``lax.map`` never hung (6 in 6). With several devices the batched call stays: a
+  loop over a sharded group axis would make XLA gather whole factor groups onto every device.
+  Other backends keep the batched solve.
+  """
+
+  def solve(a, b):
+    return jax.lax.linalg.triangular_solve(a, b, left_side=left_side, lower=False,
+                                           transpose_a=transpose_a, conjugate_a=conjugate_a)
+
+  @jax.custom_batching.custom_vmap
+  def unbatched_on_cpu(a, b):
+    return solve(a, b)
+
+  @unbatched_on_cpu.def_vmap
+  def _(axis_size, in_batched, a, b):
+    a, b = (x if batched else jnp.broadcast_to(x, (axis_size, *x.shape))
+            for x, batched in zip((a, b), in_batched, strict=True))
+    if jax.device_count() > 1:
+      return jax.vmap(solve)(a, b), True
+    looped = lambda a, b: jax.lax.map(lambda ab: unbatched_on_cpu(*ab), (a, b))  # noqa: E731
+    return jax.lax.platform_dependent(a, b, cpu=looped, default=jax.vmap(solve)), True
+
+  return unbatched_on_cpu
