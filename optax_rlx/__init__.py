@@ -11,7 +11,7 @@ from optax_rlx._adafactor import (
     relative_step_schedule,
     scale_by_adafactor,
 )
-from optax_rlx._kron import KronState, kron, kron_by_leaf, scale_by_kron
+from optax_rlx._kron import KronState, fill_masked, kron, kron_by_leaf, scale_by_kron
 from optax_rlx._kron_options import KronOptions, precond_update_prob_schedule
 from optax_rlx._sharding import state_sharding
 
@@ -23,6 +23,7 @@ __all__ = [
     "KronOptions",
     "KronState",
     "adafactor",
+    "fill_masked",
     "kron",
     "kron_by_leaf",
     "precond_update_prob_schedule",

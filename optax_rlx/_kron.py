@@ -6,7 +6,7 @@ and its checks (``_kron_state``), one step on arrays (``_kron_update``), the geo
 fit of one unit (``_kron_geometry``), and the shared numerics (``_kron_numerics``).
 """
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, Unpack
 
 import jax
@@ -16,7 +16,7 @@ from optax_rlx import _common, _kron_update, _variables
 from optax_rlx._kron_options import OWNER, KronOptions, make_config, takes_options
 from optax_rlx._kron_state import KronState, by_leaf, init_state, tree_layout
 
-__all__ = ["KronState", "kron", "kron_by_leaf", "scale_by_kron"]
+__all__ = ["KronState", "fill_masked", "kron", "kron_by_leaf", "scale_by_kron"]
 
 
 @takes_options
@@ -305,6 +305,45 @@ def kron_by_leaf(groups: Mapping[str, tuple[jax.Array, ...]], params: Any,
   cfg = make_config(options, "kron_by_leaf")
   params = _variables.split_variables(params)[0]
   return by_leaf(groups, tree_layout(params, cfg), jax.tree.structure(params))
+
+
+def fill_masked(obj_fn: Callable[[Any], jax.Array], params: Any) -> Callable[[Any], jax.Array]:
+  """An ``obj_fn`` for Kron's Newton criterion under ``optax.masked`` or ``multi_transform``.
+
+  There Kron sees the params with ``optax.MaskedNode`` in place of the leaves it does not
+  update, and calls ``obj_fn`` with that tree. The function returned fills those places from the
+  full ``params`` (constants: their Hessian blocks are not fitted) and calls ``obj_fn``.
+
+  Args:
+    obj_fn: the loss of the full params, ``params -> scalar``.
+    params: the full params (the step's current values).
+
+  Returns:
+    ``partial_params -> obj_fn(params with the partial ones in their places)``.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, optax, optax_rlx
+    >>> params = {'w': jnp.ones((4, 3)), 'b': jnp.ones(3)}
+    >>> def loss(p):
+    ...   return jnp.sum((p['w'] @ jnp.arange(3.0) - 1.0) ** 2) + jnp.sum(p['b'] ** 2)
+    >>> tx = optax.multi_transform(
+    ...     {'kron': optax_rlx.kron(1e-2, criterion='newton'), 'adam': optax.adam(1e-2)},
+    ...     {'w': 'kron', 'b': 'adam'})
+    >>> updates, state = tx.update(jax.grad(loss)(params), tx.init(params), params,
+    ...                            obj_fn=optax_rlx.fill_masked(loss, params))
+    >>> updates['w'].shape
+    (4, 3)
+  """
+
+  def is_masked(x):
+    return isinstance(x, optax.MaskedNode)
+
+  def filled(partial):
+    merged = jax.tree.map(lambda p, q: jax.lax.stop_gradient(p) if is_masked(q) else q,
+                          params, partial, is_leaf=is_masked)
+    return obj_fn(merged)
+
+  return filled
 
 
 def _args_section(docstring: str) -> str:

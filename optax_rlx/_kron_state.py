@@ -179,7 +179,19 @@ def by_leaf(groups: Mapping[str, GroupArrays], layout: planning.Layout, treedef:
 
 def _check_objective(obj_fn: Any, params: Any) -> None:
   """Raises ``ValueError`` unless ``obj_fn(params)`` is a real scalar (traced shapes only)."""
-  out = jax.eval_shape(obj_fn, params)
+  masked = any(isinstance(x, optax.MaskedNode)
+               for x in jax.tree.leaves(params, is_leaf=lambda x: isinstance(x, optax.MaskedNode)))
+  try:
+    out = jax.eval_shape(obj_fn, params)
+  except Exception as e:
+    if not masked:
+      raise
+    raise ValueError(
+        f"{OWNER}: criterion='newton' under optax.masked or optax.multi_transform calls `obj_fn` "
+        f"with the params Kron sees, optax.MaskedNode where a leaf is not Kron's, and `obj_fn` "
+        f"failed on that ({type(e).__name__}: {e}). Pass "
+        f"`obj_fn=optax_rlx.fill_masked(loss, params)` to fill those places from the full params."
+    ) from e
   leaves = jax.tree.leaves(out)
   if (len(leaves) != 1 or tuple(leaves[0].shape) != ()
       or not jnp.issubdtype(leaves[0].dtype, jnp.floating)):
