@@ -160,11 +160,12 @@ def _update_unfactored(path, g, v, beta2, cfg: _AdafactorConfig):
         f"state was initialised for shape {tuple(v.shape)}."
     )
   g = g.astype(_common.like_param_dtype(v.dtype, g.dtype))
-  new_v = beta2 * v + (1.0 - beta2) * (_common.abs2(g) + cfg.epsilon1)
+  new_v = beta2 * v + (1.0 - beta2) * _squares(g, 1, cfg.epsilon1)
   if cfg.variance_floor is None:
     u = g * new_v**-0.5
-  else:
-    u = g * jax.lax.rsqrt(jnp.maximum(new_v, cfg.variance_floor * cfg.variance_floor))
+  else:  # a floor below 1e-19 squares to zero
+    floor = jnp.maximum(cfg.variance_floor * cfg.variance_floor, jnp.finfo(new_v.dtype).tiny)
+    u = g * jax.lax.rsqrt(jnp.maximum(new_v, floor))
   return u, new_v.astype(v.dtype)
 
 
@@ -194,17 +195,41 @@ def _update_factored(path, policy, g, stats: _LeafStats, beta2, cfg: _AdafactorC
         f"{tuple(v_col.shape)})."
     )
   g = g.astype(_common.like_param_dtype(v_row.dtype, g.dtype))
-  g_sq = _common.abs2(g) + cfg.epsilon1
+  g_sq = _squares(g, max(shape[row_axis], shape[col_axis]), cfg.epsilon1)
   new_row = beta2 * v_row + (1.0 - beta2) * jnp.mean(g_sq, axis=col_axis, keepdims=True)
   new_col = beta2 * v_col + (1.0 - beta2) * jnp.mean(g_sq, axis=row_axis, keepdims=True)
   row_mean = jnp.mean(new_row, axis=row_axis, keepdims=True)
+  tiny = jnp.finfo(new_row.dtype).tiny
   if cfg.variance_floor is None:
-    u = g * (new_row / row_mean) ** -0.5 * new_col**-0.5
+    # A row at ε₁ beside rows of |g| > 1e4 has a ratio below float32's normals: flushed to zero,
+    # its factor was ∞ and 0·∞ turned the whole leaf NaN (optax.adafactor too: the row).
+    u = g * jnp.maximum(new_row / row_mean, tiny) ** -0.5 * new_col**-0.5
   else:
     floor = cfg.variance_floor
-    v_hat = new_row * new_col / jnp.maximum(row_mean, floor)
-    u = g * jax.lax.rsqrt(jnp.maximum(v_hat, floor * floor))
+    v_hat = new_row / jnp.maximum(row_mean, floor) * new_col  # R Cᵀ alone can overflow
+    u = g * jax.lax.rsqrt(jnp.maximum(v_hat, jnp.maximum(floor * floor, tiny)))  # as above
   return u, new_row.astype(v_row.dtype), new_col.astype(v_col.dtype)
+
+
+def _squares(g, count: int, epsilon1):
+  """``|g|² + ε₁``, saturated at the stats dtype's max over ``4 · count``, so that means of
+  ``count`` of them, their EMAs and the mean of those stay finite. Exactly ``|g|² + ε₁`` below
+  it: in float32, for |g| below 8e17 on 128-long axes, 4e16 on a 50257-row embedding.
+  Non-finite ``g`` stays non-finite (see :func:`adafactor` on non-finite gradients)."""
+  sq = _common.abs2(g) + epsilon1
+  return jnp.where(jnp.isfinite(g), jnp.minimum(sq, jnp.finfo(sq.dtype).max / (4 * count)), sq)
+
+
+def _clip(u, threshold):
+  """``u / max(1, RMS(u) / threshold)``, with ``u``'s finite entries first bounded so that
+  ``|u|²`` sums without overflow (saturated statistics can give entries above 1e19)."""
+  bound = jnp.sqrt(jnp.finfo(_common.real_dtype(u.dtype)).max / (4 * max(u.size, 1)))
+  if jnp.iscomplexobj(u):
+    bounded = jax.lax.complex(jnp.clip(u.real, -bound, bound), jnp.clip(u.imag, -bound, bound))
+  else:
+    bounded = jnp.clip(u, -bound, bound)
+  u = jnp.where(jnp.isfinite(u), bounded, u)
+  return u / jnp.maximum(1.0, jnp.sqrt(jnp.mean(_common.abs2(u))) / threshold)
 
 
 def _update_leaf(path, policy, g, stats: _LeafStats, beta2, cfg: _AdafactorConfig):
@@ -217,7 +242,7 @@ def _update_leaf(path, policy, g, stats: _LeafStats, beta2, cfg: _AdafactorConfi
   else:
     u, v = _update_unfactored(path, g, v, beta2, cfg)
   if cfg.clipping_threshold is not None:
-    u = u / jnp.maximum(1.0, jnp.sqrt(jnp.mean(_common.abs2(u))) / cfg.clipping_threshold)
+    u = _clip(u, cfg.clipping_threshold)
   return u.astype(g.dtype), v_row, v_col, v
 
 

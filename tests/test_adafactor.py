@@ -564,6 +564,44 @@ def test_zero_gradients_and_zero_rows_give_finite_updates(dtype):
     assert all(float(jnp.max(jnp.abs(x))) == 0.0 for x in jax.tree.leaves(u))
 
 
+@pytest.mark.parametrize("options, scale_free_from", [({}, -6), (TORCH_CONFIG, -2)])
+def test_gradients_over_the_float32_range_give_finite_updates_and_state(rng, options,
+                                                                         scale_free_from):
+  """A factored matrix with a zero row and a zero column (an embedding's unseen tokens), a vector
+  and a scalar, scaled by 10^k up to float32's max. Before 2026-12-04 the matrix's update was
+  NaN from |g| ~ 1e4 up (the zero row's ratio to the mean row underflowed: 0·∞, then the clip
+  spread the NaN), and every leaf's statistics overflowed from 1.8e19 up. Where neither ε₁ (or
+  torch's floor) nor the saturation of |g|² (above 8e17 here) acts, the direction does not
+  depend on the scale."""
+  w = rng.standard_normal((256, 128))
+  w[0], w[:, 0] = 0.0, 0.0
+  grads = {"w": w, "b": rng.standard_normal(140), "s": np.float64(0.7)}
+  top = 0.999 * float(jnp.finfo(jnp.float32).max) / max(np.max(np.abs(x)) for x in grads.values())
+  tx = optax_rlx.scale_by_adafactor(**options)
+  step = jax.jit(tx.update)
+
+  def updates_at(scale):
+    g = {k: jnp.asarray(x * scale, jnp.float32) for k, x in grads.items()}
+    state = tx.init(g)
+    for _ in range(3):
+      u, state = step(g, state)
+    for leaf in jax.tree.leaves((u, state)):
+      assert bool(jnp.all(jnp.isfinite(leaf))), scale
+    return u
+
+  reference = updates_at(1.0)
+  for k in [*range(-38, 37, 4), np.log10(top)]:
+    u = updates_at(10.0**k)
+    if scale_free_from <= k <= 16:
+      for name in grads:
+        np.testing.assert_allclose(np.asarray(u[name]), np.asarray(reference[name]), rtol=1e-4,
+                                   atol=1e-5, err_msg=f"10^{k} {name}")
+  zero = {k: jnp.zeros(np.shape(x), jnp.float32) for k, x in grads.items()}
+  u, state = step(zero, tx.init(zero))
+  assert all(bool(jnp.all(x == 0)) for x in jax.tree.leaves(u))
+  assert all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(state))
+
+
 def test_fp16_params_keep_float32_statistics_and_finite_updates(rng):
   params = {"w": jnp.asarray(rng.standard_normal((256, 128)), jnp.float16)}
   tx = optax_rlx.adafactor()
@@ -582,6 +620,11 @@ def test_non_finite_gradients_behaviour_is_documented_and_apply_if_finite_guards
   tx = optax_rlx.adafactor(1e-2, min_dim_size_to_factor=1)
   u, _ = tx.update(bad, tx.init(params), params)
   assert bool(jnp.any(jnp.isnan(u["w"])))  # not hidden: the step is visibly NaN
+  for value in (jnp.inf, -jnp.inf):  # the saturation of huge |g|² leaves infinities alone
+    for min_dim in (1, 128):
+      tx = optax_rlx.adafactor(1e-2, min_dim_size_to_factor=min_dim)
+      u, _ = tx.update({"w": params["w"].at[1, 2].set(value)}, tx.init(params), params)
+      assert not bool(jnp.all(jnp.isfinite(u["w"]))), (value, min_dim)
   guarded = optax.apply_if_finite(optax_rlx.adafactor(1e-2, min_dim_size_to_factor=1), 3)
   gstate = guarded.init(params)
   u, gstate = guarded.update(bad, gstate, params)
