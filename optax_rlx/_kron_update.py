@@ -46,7 +46,6 @@ class _Refit(NamedTuple):
   layout: planning.Layout
   cfg: KronConfig
   lr: jax.Array  # precond_lr at this step
-  first_step: jax.Array  # bool: set the initial scale (precond_init_scale=None)
 
 
 def _step(updates, state: KronState, params, obj_fn, layout: planning.Layout, cfg: KronConfig):
@@ -63,7 +62,7 @@ def _step(updates, state: KronState, params, obj_fn, layout: planning.Layout, cf
     return updates, state
   m_units = _stack_units(layout, m_hat)
   lr = jnp.asarray(_common.schedule_value(cfg.options["precond_lr"], count), jnp.float32)
-  ctx = _Refit(layout, cfg, lr, first_step=count == 0)
+  ctx = _Refit(layout, cfg, lr)
 
   def refit(groups):
     batches = _fit_batches(refit_key, m_units, grads, (params, obj_fn), ctx)
@@ -172,7 +171,7 @@ def _refit_group(index: int, group: GroupFactors, inputs: FitInputs, m_units, ct
     return group, None
   before = _widened(group, dense, inputs.h.dtype)
   if ctx.cfg.options["precond_init_scale"] is None:  # one cond per group, not per unit
-    before = _auto_scaled(before, inputs, ctx.first_step)
+    before = _auto_scaled(before, inputs)
   read_p = before.precond if geometry.reads_cached_p else None
   fitted, preconditioned = jax.vmap(
       lambda u, x: fit_unit(u, x, dense, ctx.lr, ctx.cfg.fit)
@@ -199,15 +198,22 @@ def _widened(group: GroupFactors, dense, dtype) -> GroupFactors:
   return GroupFactors(numerics.cast_factors(group.factors, dense, dtype), group.lips, precond)
 
 
-def _auto_scaled(group: GroupFactors, inputs: FitInputs, first_step) -> GroupFactors:
-  """On the first step, every unit's factors (and ``P_i``) times its initial scale."""
+def _auto_scaled(group: GroupFactors, inputs: FitInputs) -> GroupFactors:
+  """The factors (and ``P_i``) of every unit that has not yet fitted (its Lipschitz estimates
+  are still 0: the first step, or every step so far had a zero target, as for a frozen leaf or
+  gradients below float32's normals) times the initial scale of its pair; a zero pair gives 1.
+  Before 2026-12-04 only step 0 was scaled, so a leaf unfrozen later kept unit factors."""
+  fresh = functools.reduce(jnp.logical_and, [lip == 0 for lip in group.lips])  # (units,)
   v_axis = None if inputs.v is None else 0
   p_axis = None if group.precond is None else 0
 
   def rescale(f, p):
-    return jax.vmap(numerics.auto_scale, in_axes=(0, 0, v_axis, p_axis))(f, inputs.h, inputs.v, p)
+    scaled = jax.vmap(numerics.auto_scale, in_axes=(0, 0, v_axis, p_axis))(f, inputs.h,
+                                                                            inputs.v, p)
+    pick = functools.partial(jax.vmap(jnp.where), fresh)
+    return jax.tree.map(pick, scaled, (f, p))
 
-  factors, precond = jax.lax.cond(first_step, rescale, lambda f, p: (f, p), group.factors,
+  factors, precond = jax.lax.cond(jnp.any(fresh), rescale, lambda f, p: (f, p), group.factors,
                                   group.precond)
   return group._replace(factors=factors, precond=precond)
 

@@ -292,7 +292,9 @@ def test_gradients_below_the_normal_range_leave_the_state_finite_and_training_re
   on a 24×12 matrix, a vector, a 3-D tensor and a scalar. Before 2026-12-04 the dense factor
   turned NaN for good: the Procrustes rotation normalised an asymmetry of ~1e-20 by its
   underflowed norm. With momentum, (1 - b1) g flushes to zero and the fit sees no target;
-  ``b1=None`` fits on the tiny gradient itself."""
+  ``b1=None`` fits on the tiny gradient itself: a unit's first nonzero target sets its initial
+  scale, P ~ 1e38 for the vector. The gradients that follow are 1e-2 (36 decades up): P m̂ is
+  formed before the clip, so a jump over float32's whole range (1e-38 to ~4) overflows it."""
   rng = np.random.default_rng(5)
   shapes = {"w": (24, 12), "b": (7,), "t": (3, 4, 5), "s": ()}
   params = {k: jnp.zeros(s) for k, s in shapes.items()}
@@ -300,7 +302,7 @@ def test_gradients_below_the_normal_range_leave_the_state_finite_and_training_re
   state = tx.init(params)
   step = jax.jit(tx.update)
   for i in range(60):
-    scale = np.float32(1e-38 if i < 40 else 1.0)
+    scale = np.float32(1e-38 if i < 40 else 1e-2)
     grads = {k: jnp.asarray(rng.standard_normal(s) * scale, jnp.float32)
              for k, s in shapes.items()}
     updates, state = step(grads, state)
@@ -442,3 +444,31 @@ def test_training_resumes_after_a_stretch_of_zero_gradients():
   uninterrupted, resumed = run(0), run(300)
   assert uninterrupted < 5e-3  # it trains (measured 1.6e-3)
   assert resumed < 2.0 * uninterrupted, (resumed, uninterrupted)
+
+
+@pytest.mark.parametrize("geometry", GEOMETRIES)
+def test_a_leaf_whose_gradient_starts_at_zero_gets_the_initial_scale_when_it_arrives(geometry):
+  """Zero-initialised branches (LoRA's B = 0 makes A's gradient exactly 0, ReZero-style gates,
+  a layer unfrozen later) have no gradient on the first steps. Their factors get the automatic
+  initial scale on their first nonzero target, as a fresh kron's do on step 0: P's scale, ~1/|g|,
+  matches. Before 2026-12-04 only step 0 was scaled, so such leaves kept unit factors (P ~ 1
+  against ~1e3 here) and grew them at the fit's pace."""
+  rng = np.random.default_rng(0)
+  grads = {"w": jnp.asarray(rng.standard_normal((24, 12)) * 1e-3, jnp.float32),
+           "b": jnp.asarray(rng.standard_normal(7) * 1e-3, jnp.float32)}
+  zeros = jax.tree.map(jnp.zeros_like, grads)
+  tx = optax_rlx.scale_by_kron(geometry=geometry, b1=None)
+  step = jax.jit(tx.update)
+
+  def precond_scale(zero_steps):
+    state = tx.init(grads)
+    for _ in range(zero_steps):
+      _, state = step(zeros, state)
+    _, state = step(grads, state)
+    return {name: math.prod(float(jnp.max(jnp.abs(q))) ** 2 for q in qs)
+            for name, qs in state.Qs.items()}
+
+  fresh, delayed = precond_scale(0), precond_scale(5)
+  for name in fresh:
+    assert fresh[name] > 100, (name, fresh)  # the scale is the gradients', not 1
+    assert 0.5 < delayed[name] / fresh[name] < 2, (name, delayed, fresh)
