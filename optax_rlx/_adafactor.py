@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import optax
 
 from optax_rlx import _common, _variables
-from optax_rlx._adafactor_plan import FactoringRule, check_policy, factored_axes, reduced
+from optax_rlx._adafactor_plan import Factoring, check_policy, factored_axes, reduced
 
 _OWNER = "adafactor"
 _DEFAULT_MIN_DIM_SIZE_TO_FACTOR = 128
@@ -34,7 +34,7 @@ class AdafactorState(NamedTuple):
     v: pytree like the params, full EMA of ``g² + epsilon1`` for unfactored leaves.
   """
 
-  count: jax.Array
+  count: jax.Array  # type: ignore[assignment]  # shadows tuple.count, as in optax's states
   v_row: optax.Updates
   v_col: optax.Updates
   v: optax.Updates
@@ -48,7 +48,7 @@ class AdafactorStepState(NamedTuple):
     mu: pytree like the params, momentum in ``mu_dtype``; ``()`` when ``b1`` is None.
   """
 
-  count: jax.Array
+  count: jax.Array  # type: ignore[assignment]  # shadows tuple.count, as in optax's states
   mu: optax.Updates
 
 
@@ -287,7 +287,7 @@ def scale_by_adafactor(
     epsilon1: float = 1e-30,
     variance_floor: float | None = None,
     clipping_threshold: float | None = 1.0,
-    factoring: str | FactoringRule | Any = "largest_two",
+    factoring: Factoring = "largest_two",
     min_dim_size_to_factor: int | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Rescales updates by Adafactor's factored second-moment estimate, then clips their RMS.
@@ -462,7 +462,7 @@ def adafactor(
     beta2_cap: float | None = None,
     epsilon1: float = 1e-30,
     variance_floor: float | None = None,
-    factoring: str | FactoringRule | Any = "largest_two",
+    factoring: Factoring = "largest_two",
     min_dim_size_to_factor: int | None = None,
     b1: float | None = None,
     mu_dtype: Any = None,

@@ -1,14 +1,21 @@
 """Adafactor's static plan: which two axes of each leaf are factored (pure Python and NumPy)."""
 
-from collections.abc import Callable
-from typing import Any
+import typing
+from collections.abc import Callable, Mapping
+from typing import Any, Literal
 
 import numpy as np
 
-POLICIES = ("largest_two", "last_two", "none")
-
 FactoringRule = Callable[[str, tuple[int, ...]], tuple[int, int] | None]
 """A per-leaf factoring rule: ``rule(path, shape) -> (row_axis, col_axis)`` or ``None``."""
+
+FactoringName = Literal["largest_two", "last_two", "none"]
+"""The named factoring policies."""
+
+POLICIES: tuple[str, ...] = typing.get_args(FactoringName)
+
+Factoring = FactoringName | FactoringRule | Mapping[str, Any] | list[Any] | tuple[Any, ...]
+"""``factoring``: a named policy, a rule, or a pytree (dict, list, tuple) of those per leaf."""
 
 
 def policy_axes(policy: Any, path: str, shape: tuple[int, ...]) -> tuple[int, int] | None:
@@ -45,8 +52,8 @@ def factored_axes(policy: Any, path: str, shape: tuple[int, ...], min_dim_size_t
   that gate is applied at ``init`` (``for_init``), after which the state's shapes decide.
   """
   axes = policy_axes(policy, path, tuple(shape))
-  gated = for_init and axes is not None and isinstance(policy, str)
-  if gated and min(shape[axes[0]], shape[axes[1]]) < min_dim_size_to_factor:
+  gated = for_init and isinstance(policy, str)
+  if gated and axes is not None and min(shape[axes[0]], shape[axes[1]]) < min_dim_size_to_factor:
     return None
   return axes
 

@@ -352,5 +352,5 @@ def _args_section(docstring: str) -> str:
   return docstring[start:docstring.index("\n\n", start)].strip()
 
 
-kron.__doc__ = kron.__doc__.replace("{options of scale_by_kron}",
-                                    _args_section(scale_by_kron.__doc__))
+kron.__doc__ = (kron.__doc__ or "").replace("{options of scale_by_kron}",
+                                            _args_section(scale_by_kron.__doc__ or ""))

@@ -265,14 +265,14 @@ def _procrustes_low_rank_step(q, lip, pair: Pair, axis, size: StepSize):
   # residual left by earlier rotations) Y W_yᴴ - W_y Yᴴ - V W_vᴴ + W_v Vᴴ with W = qᴴ Y, qᴴ V.
   w_y = ct(q) @ y
   diff_q = y @ ct(w_y) - term2_scalar * q
-  left, right = [y, w_y], [w_y, -y]
+  lefts, rights = [y, w_y], [w_y, -y]
   if pair.b is not None:
     v_unf = numerics.unfold(pair.b, axis)
     w_v = ct(q) @ v_unf
     diff_q = diff_q - v_unf @ ct(w_v)
-    left, right = [*left, v_unf, w_v], [*right, -w_v, v_unf]
+    lefts, rights = [*lefts, v_unf, w_v], [*rights, -w_v, v_unf]
   q = q - step * diff_q
-  left, right = jnp.concatenate(left, axis=1), jnp.concatenate(right, axis=1)
+  left, right = jnp.concatenate(lefts, axis=1), jnp.concatenate(rights, axis=1)
   if left.shape[1] * 2 > n:
     return procrustes_rotation(q), lip
   # The factored generator leaves earlier residual asymmetry alone: Procrustes.cleanup removes

@@ -67,6 +67,7 @@ def lipschitz_step(lip, bound, size: StepSize, dtype):
 def probe_term(pair: Pair, n: int, dtype):
   """The integrated-out probe's Gram scalar ``probe_variance · numel / n`` along an axis of
   size ``n``."""
+  assert pair.probe_variance is not None  # set whenever the probe is integrated out
   return (pair.probe_variance * (pair.a.size / n)).astype(real_dtype(dtype))
 
 

@@ -12,7 +12,7 @@ import functools
 import inspect
 import types
 import typing
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Annotated, Any, Literal, NamedTuple, TypedDict
 
 import jax
@@ -123,7 +123,7 @@ class KronConfig(NamedTuple):
   @property
   def group_multiple(self) -> int:
     multiple = self.options["group_multiple"]
-    return STRUCTURE_DEFAULTS["group_multiple"] if multiple is None else multiple
+    return int(STRUCTURE_DEFAULTS["group_multiple"]) if multiple is None else multiple
 
   @property
   def uses_momentum(self) -> bool:
@@ -172,7 +172,7 @@ def precond_update_prob_schedule(
   return UpdateProbSchedule(max_prob, min_prob, decay, flat_start)
 
 
-def make_config(options: dict[str, Any], function: str = OWNER) -> KronConfig:
+def make_config(options: Mapping[str, Any], function: str = OWNER) -> KronConfig:
   """Validates the keyword ``options`` given to ``function`` (the rest take their defaults).
 
   Raises:
@@ -193,11 +193,15 @@ def make_config(options: dict[str, Any], function: str = OWNER) -> KronConfig:
                     key_data=as_key_data(resolved["key"]))
 
 
-def takes_options(function: Callable) -> Callable:
+_Function = typing.TypeVar("_Function", bound=Callable[..., Any])
+
+
+def takes_options(function: _Function) -> _Function:
   """Gives ``function`` (whose last parameter is ``**options: Unpack[KronOptions]``) the
   signature of its own parameters followed by every option, keyword-only, with its default."""
   own = list(inspect.signature(function).parameters.values())[:-1]
-  function.__signature__ = inspect.signature(function).replace(parameters=own + _PARAMETERS)
+  signature = inspect.signature(function).replace(parameters=own + _PARAMETERS)
+  function.__signature__ = signature  # type: ignore[attr-defined]
   return function
 
 
@@ -217,7 +221,7 @@ _PARAMETERS = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=d
                for name, (kind, default) in _declared().items()]
 
 
-def _check_numbers(options: KronOptions) -> None:
+def _check_numbers(options: Mapping[str, Any]) -> None:
   check = functools.partial(_common.check_number, OWNER)
   check("b1", options["b1"], low=0.0, high=1.0, high_open=True, allow_none=True)
   check("precond_lr", options["precond_lr"], low=0.0, low_open=True, allow_schedule=True)
@@ -230,7 +234,7 @@ def _check_numbers(options: KronOptions) -> None:
   check("update_clip", options["update_clip"], low=0.0, low_open=True, allow_none=True)
 
 
-def _check_declared_kinds(options: KronOptions) -> None:
+def _check_declared_kinds(options: Mapping[str, Any]) -> None:
   """The checks a declared type implies: a ``Literal`` option is one of its choices, a bool is a
   bool, a dtype a floating dtype."""
   for name, (kind, _) in _declared().items():
@@ -257,7 +261,7 @@ def _choices(kind: Any) -> tuple | None:
   return none + tuple(v for p in literals for v in typing.get_args(p))
 
 
-def _structure_rule(options: KronOptions) -> StructureRule:
+def _structure_rule(options: Mapping[str, Any]) -> StructureRule:
   def static_int(name, low):
     value = options[name]
     return STRUCTURE_DEFAULTS[name] if value is None else _common.static_int(OWNER, name, value,

@@ -3,6 +3,7 @@ per-leaf view. The layout behind the names is derived from the params and the op
 (:func:`tree_layout`), at ``init`` and at every trace of ``update``; the state holds only arrays.
 """
 
+import typing
 from collections.abc import Mapping
 from typing import Any, NamedTuple
 
@@ -56,7 +57,7 @@ class KronState(NamedTuple):
       with one matmul per dense factor; ``()`` without the cache.
   """
 
-  count: jax.Array
+  count: jax.Array  # type: ignore[assignment]  # shadows tuple.count, as in optax's states
   key: jax.Array
   precond_acc: jax.Array
   mu: optax.Updates
@@ -98,6 +99,9 @@ def init_state(params: Any, cfg: KronConfig) -> KronState:
   mu = _common.momentum_like(params, cfg.options["mu_dtype"]) if cfg.uses_momentum else ()
   layout = tree_layout(params, cfg)
   cache = cfg.options["cache_precond"]
+  qs: Any
+  ls: Any
+  ps: Any
   if not layout.groups:  # one array each: a donated state must not hold a buffer twice
     qs, ls = _no_groups(), _no_groups()
     ps = _no_groups() if cache else ()
@@ -255,7 +259,7 @@ def _explicit_layout(groups: list[GroupFactors], layout: planning.Layout, params
     return groups
   mesh = next(jax.typeof(p).sharding.mesh for p, e in zip(params, specs, strict=True)
               if e is not None)
-  axes = cfg.options["group_axes"]
+  axes = typing.cast(tuple[str, ...] | None, cfg.options["group_axes"])  # make_config's tuple
 
   def place(group, arrays):
     if arrays is None:
@@ -331,6 +335,7 @@ def _raise_missing(group: planning.FactorGroup, index: int, layout: planning.Lay
 
 def _check_group_arrays(field: str, group: planning.FactorGroup, index: int,
                         arrays: tuple, layout: planning.Layout) -> None:
+  expected: tuple[tuple[int, ...], ...]
   if field == "Ls":
     expected = tuple((group.size,) for _ in group.block_shape)
   else:

@@ -89,6 +89,7 @@ def _momentum(updates, mu, count_inc, cfg: KronConfig):
   if not cfg.uses_momentum:
     return jax.tree.leaves(updates), mu
   b1 = cfg.options["b1"]
+  assert b1 is not None  # uses_momentum
   new_mu = jax.tree.map(
       lambda g, m: (1.0 - b1) * g + b1 * m.astype(jnp.promote_types(m.dtype, g.dtype)),
       updates, mu,
@@ -264,7 +265,7 @@ def _compute_dtype(layout: planning.Layout, leaf: int) -> jnp.dtype:
 def _stack_groups(layout: planning.Layout, units: list):
   """Per group, ``units`` (one ``(count, *block_shape)`` array per leaf) concatenated in storage
   order and zero-padded to the group's size; None for a group of empty units."""
-  out = []
+  out: list[jax.Array | None] = []
   for g, group in enumerate(layout.groups):
     if 0 in group.block_shape:
       out.append(None)

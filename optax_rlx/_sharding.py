@@ -123,11 +123,12 @@ def state_sharding(tx: optax.GradientTransformation, params: Any, param_sharding
     spec = placed.sharding.spec if placed.sharding else PartitionSpec()
     return replicated if all(e is None for e in spec) else NamedSharding(mesh, spec)
 
-  def kron(state: KronState, placed: KronState):
+  def kron(state: KronState, placed: KronState) -> Any:  # a KronState of shardings
     groups = jax.tree.map(on_mesh, (placed.Qs, placed.Ls, placed.Ps if has_cache(placed) else ()))
-    return state._replace(count=replicated, key=replicated, precond_acc=replicated,
-                          mu=assign(state.mu, state.mu), Qs=groups[0], Ls=groups[1],
-                          Ps=groups[2])
+    shardings: Any = state
+    return shardings._replace(count=replicated, key=replicated, precond_acc=replicated,
+                              mu=assign(state.mu, state.mu), Qs=groups[0], Ls=groups[1],
+                              Ps=groups[2])
 
   def assign(node, placed):
     """Shardings of ``node``; ``placed`` is the same part of the explicitly placed state."""
