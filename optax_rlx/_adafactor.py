@@ -7,6 +7,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import optax
+from jax.typing import ArrayLike
 
 from optax_rlx import _common, _variables
 from optax_rlx._adafactor_plan import Factoring, check_policy, factored_axes, reduced
@@ -74,7 +75,7 @@ def relative_step_schedule(max_learning_rate: float = 1e-2) -> optax.Schedule:
       "relative_step_schedule", "max_learning_rate", max_learning_rate, low=0.0, low_open=True
   )
 
-  def schedule(count):
+  def schedule(count: ArrayLike) -> jax.Array:
     t = jnp.asarray(count, jnp.float32) + 1.0
     return jnp.minimum(jnp.asarray(max_learning_rate, jnp.float32), jax.lax.rsqrt(t))
 
@@ -97,7 +98,7 @@ def _leaf_policies(factoring: Any, tree: Any) -> list[Any]:
   return policies
 
 
-def _beta2(count, decay_rate, decay_offset, beta2_cap):
+def _beta2(count: jax.Array, decay_rate: Any, decay_offset: Any, beta2_cap: Any) -> jax.Array:
   """β̂₂ = 1 − t^(−decay_rate), t = max(count − decay_offset, 0) + 1, optionally capped."""
   t = (jnp.maximum(count - decay_offset, 0) + 1).astype(jnp.float32)
   beta2 = 1.0 - t ** (-decay_rate)
@@ -120,7 +121,7 @@ class _AdafactorConfig:
   min_dim_size_to_factor: int
 
 
-def _init(params, cfg: _AdafactorConfig) -> AdafactorState:
+def _init(params: Any, cfg: _AdafactorConfig) -> AdafactorState:
   """Zero statistics: ``v_row``/``v_col`` for factored leaves, ``v`` for the others."""
   _common.check_inexact_leaves(_OWNER, params, "params")
   leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
@@ -152,7 +153,8 @@ def _init(params, cfg: _AdafactorConfig) -> AdafactorState:
   )
 
 
-def _update_unfactored(path, g, v, beta2, cfg: _AdafactorConfig):
+def _update_unfactored(path: Any, g: jax.Array, v: jax.Array, beta2: jax.Array,
+                       cfg: _AdafactorConfig) -> tuple[jax.Array, jax.Array]:
   """``V ← β̂ V + (1 − β̂)(|G|² + ε₁)``, ``U = G / √V``; returns ``(U, V)``."""
   if tuple(v.shape) != tuple(g.shape):
     raise ValueError(
@@ -164,7 +166,7 @@ def _update_unfactored(path, g, v, beta2, cfg: _AdafactorConfig):
   if cfg.variance_floor is None:
     u = g * new_v**-0.5
   else:  # a floor below 1e-19 squares to zero
-    floor = jnp.maximum(cfg.variance_floor * cfg.variance_floor, jnp.finfo(new_v.dtype).tiny)
+    floor = jnp.maximum(cfg.variance_floor**2, jnp.finfo(new_v.dtype).tiny)
     u = g * jax.lax.rsqrt(jnp.maximum(new_v, floor))
   return u, new_v.astype(v.dtype)
 
@@ -177,7 +179,8 @@ class _LeafStats(NamedTuple):
   v: jax.Array
 
 
-def _update_factored(path, policy, g, stats: _LeafStats, beta2, cfg: _AdafactorConfig):
+def _update_factored(path: Any, policy: Any, g: jax.Array, stats: _LeafStats, beta2: jax.Array,
+                     cfg: _AdafactorConfig) -> tuple[jax.Array, jax.Array, jax.Array]:
   """Row and column EMAs of ``|G|² + ε₁``, ``U = G / √(R Cᵀ / mean(R))``; returns ``(U, R, C)``."""
   v_row, v_col = stats.v_row, stats.v_col
   shape = tuple(g.shape)
@@ -201,8 +204,7 @@ def _update_factored(path, policy, g, stats: _LeafStats, beta2, cfg: _AdafactorC
   row_mean = jnp.mean(new_row, axis=row_axis, keepdims=True)
   tiny = jnp.finfo(new_row.dtype).tiny
   if cfg.variance_floor is None:
-    # A row at ε₁ beside rows of |g| > 1e4 has a ratio below float32's normals: flushed to zero,
-    # its factor was ∞ and 0·∞ turned the whole leaf NaN (optax.adafactor too: the row).
+    # A row at ε₁ beside rows of |g| > 1e4: the ratio flushed to 0 and 0·∞ gave NaN (floored).
     u = g * jnp.maximum(new_row / row_mean, tiny) ** -0.5 * new_col**-0.5
   else:
     floor = cfg.variance_floor
@@ -211,16 +213,15 @@ def _update_factored(path, policy, g, stats: _LeafStats, beta2, cfg: _AdafactorC
   return u, new_row.astype(v_row.dtype), new_col.astype(v_col.dtype)
 
 
-def _squares(g, count: int, epsilon1):
-  """``|g|² + ε₁``, saturated at the stats dtype's max over ``4 · count``, so that means of
-  ``count`` of them, their EMAs and the mean of those stay finite. Exactly ``|g|² + ε₁`` below
-  it: in float32, for |g| below 8e17 on 128-long axes, 4e16 on a 50257-row embedding.
-  Non-finite ``g`` stays non-finite (see :func:`adafactor` on non-finite gradients)."""
+def _squares(g: jax.Array, count: int, epsilon1: Any) -> jax.Array:
+  """``|g|² + ε₁``, saturated at the dtype's max / (4 · count) so that means of ``count`` of
+  them, their EMAs and the mean of those stay finite (float32: |g| above 8e17 on 128-long axes,
+  4e16 on 50257); exact below, and non-finite where ``g`` is."""
   sq = _common.abs2(g) + epsilon1
   return jnp.where(jnp.isfinite(g), jnp.minimum(sq, jnp.finfo(sq.dtype).max / (4 * count)), sq)
 
 
-def _clip(u, threshold):
+def _clip(u: jax.Array, threshold: Any) -> jax.Array:
   """``u / max(1, RMS(u) / threshold)``, with ``u``'s finite entries first bounded so that
   ``|u|²`` sums without overflow (saturated statistics can give entries above 1e19)."""
   bound = jnp.sqrt(jnp.finfo(_common.real_dtype(u.dtype)).max / (4 * max(u.size, 1)))
@@ -232,12 +233,12 @@ def _clip(u, threshold):
   return u / jnp.maximum(1.0, jnp.sqrt(jnp.mean(_common.abs2(u))) / threshold)
 
 
-def _update_leaf(path, policy, g, stats: _LeafStats, beta2, cfg: _AdafactorConfig):
+def _update_leaf(path: Any, policy: Any, g: jax.Array, stats: _LeafStats, beta2: jax.Array,
+                 cfg: _AdafactorConfig) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
   """One leaf's clipped direction and new statistics ``(Û, v_row, v_col, v)``."""
   v_row, v_col, v = stats
   # The state decides: a factored leaf's full moment is the (1,) placeholder.
-  factored = len(g.shape) >= 2 and tuple(v.shape) == (1,)
-  if factored:
+  if len(g.shape) >= 2 and tuple(v.shape) == (1,):  # factored
     u, v_row, v_col = _update_factored(path, policy, g, stats, beta2, cfg)
   else:
     u, v = _update_unfactored(path, g, v, beta2, cfg)
@@ -246,7 +247,8 @@ def _update_leaf(path, policy, g, stats: _LeafStats, beta2, cfg: _AdafactorConfi
   return u.astype(g.dtype), v_row, v_col, v
 
 
-def _update(updates, state, params, cfg: _AdafactorConfig):
+def _update(updates: Any, state: Any, params: Any,
+            cfg: _AdafactorConfig) -> tuple[Any, AdafactorState]:
   if not isinstance(state, AdafactorState):
     raise ValueError(f"{_OWNER}: expected an AdafactorState, got {type(state).__name__}.")
   v_rows, v_cols, vs = state.v_row, state.v_col, state.v
@@ -268,7 +270,7 @@ def _update(updates, state, params, cfg: _AdafactorConfig):
       )
   ]
 
-  def field(i):
+  def field(i: int) -> Any:
     return treedef.unflatten([out[i] for out in per_leaf])
 
   new_state = AdafactorState(
@@ -383,10 +385,11 @@ def scale_by_adafactor(
       ),
   )
 
-  def init_fn(params):
+  def init_fn(params: Any) -> Any:
     return _init(params, cfg)
 
-  def update_fn(updates, state, params=None, **extra_args):
+  def update_fn(updates: Any, state: Any, params: Any = None,
+                **extra_args: Any) -> tuple[Any, Any]:
     del extra_args
     return _update(updates, state, params, cfg)
 
@@ -413,11 +416,12 @@ def _scale_by_adafactor_step(options: _StepOptions) -> optax.GradientTransformat
   use_decay = not _common.is_zero(weight_decay)
   needs_params = multiply_by_parameter_scale or use_decay
 
-  def init_fn(params):
+  def init_fn(params: Any) -> Any:
     mu = _common.momentum_like(params, mu_dtype) if use_momentum else ()
     return AdafactorStepState(count=jnp.zeros([], jnp.int32), mu=mu)
 
-  def update_fn(updates, state, params=None, **extra_args):
+  def update_fn(updates: Any, state: Any, params: Any = None,
+                **extra_args: Any) -> tuple[Any, Any]:
     del extra_args
     if needs_params and params is None:
       raise ValueError(

@@ -207,7 +207,7 @@ def layout_like(x: jax.Array, param: Any) -> jax.Array:
   return jax.sharding.reshard(x, jax.sharding.PartitionSpec(*spec))
 
 
-def zeros_like_layout(shape: tuple[int, ...], dtype: Any, param: Any):
+def zeros_like_layout(shape: tuple[int, ...], dtype: Any, param: Any) -> jax.Array:
   """``jnp.zeros(shape, dtype)`` laid out like ``param`` (see :func:`layout_like`)."""
   return layout_like(jnp.zeros(shape, dtype), param)
 
@@ -380,7 +380,7 @@ def decoupled_weight_decay(weight_decay: Any, mask: Any,
 
     return optax.GradientTransformation(decay.init, update)
 
-  def skip(updates, state, params=None):
+  def skip(updates: Any, state: Any, params: Any = None) -> tuple[Any, Any]:
     del params
     return updates, state
 

@@ -196,10 +196,12 @@ def scale_by_kron(**options: Unpack[KronOptions]) -> optax.GradientTransformatio
 
   cfg = make_config(options, "scale_by_kron")
 
-  def init_fn(params):
+  def init_fn(params: Any) -> KronState:
     return init_state(params, cfg)
 
-  def update_fn(updates, state, params=None, obj_fn=None, **extra_args):
+  def update_fn(updates: Any, state: KronState, params: Any = None,
+                obj_fn: Callable[[Any], jax.Array] | None = None,
+                **extra_args: Any) -> tuple[Any, KronState]:
     del extra_args
     return _kron_update.update(updates, state, params, obj_fn, cfg)
 
@@ -335,10 +337,10 @@ def fill_masked(obj_fn: Callable[[Any], jax.Array], params: Any) -> Callable[[An
     (4, 3)
   """
 
-  def is_masked(x):
+  def is_masked(x: Any) -> bool:
     return isinstance(x, optax.MaskedNode)
 
-  def filled(partial):
+  def filled(partial: Any) -> jax.Array:
     merged = jax.tree.map(lambda p, q: jax.lax.stop_gradient(p) if is_masked(q) else q,
                           params, partial, is_leaf=is_masked)
     return obj_fn(merged)

@@ -17,7 +17,15 @@ import jax
 import jax.numpy as jnp
 
 from optax_rlx import _kron_numerics as numerics
-from optax_rlx._kron_numerics import Pair, StepSize, ct, gram, lipschitz_step, probe_term
+from optax_rlx._kron_numerics import (
+    Dense,
+    Pair,
+    StepSize,
+    ct,
+    gram,
+    lipschitz_step,
+    probe_term,
+)
 
 PROCRUSTES_MAX_STEP = 0.25
 ASYMMETRY_TOLERANCE = 1e-3
@@ -62,7 +70,7 @@ class FitOptions(NamedTuple):
   lipschitz_decay: Any
 
 
-def fit_unit(unit: UnitFactors, inputs: FitInputs, dense: tuple[bool, ...], lr,
+def fit_unit(unit: UnitFactors, inputs: FitInputs, dense: Dense, lr: jax.Array,
              options: FitOptions) -> tuple[UnitFactors, jax.Array | None]:
   """One Lie-group step on ``E[hᴴ P h + vᴴ P⁻¹ v]`` of every factor of one unit.
 
@@ -114,16 +122,18 @@ class Geometry(abc.ABC):
   dense_kind: str
 
   @abc.abstractmethod
-  def damping_noise(self, keys, shapes: list[tuple[int, ...]], dtypes: list[Any]) -> list:
+  def damping_noise(self, keys: jax.Array, shapes: list[tuple[int, ...]],
+                    dtypes: list[Any]) -> list[jax.Array]:
     """Zero-mean noise with ``E[n nᴴ] = I`` of each ``shapes[i]`` in ``dtypes[i]``, from
     ``keys`` (one per shape)."""
 
   @abc.abstractmethod
-  def fitting_pair(self, unit: UnitFactors, damped, inputs: FitInputs, dense):
+  def fitting_pair(self, unit: UnitFactors, damped: jax.Array, inputs: FitInputs,
+                   dense: Dense) -> tuple[jax.Array, jax.Array | None]:
     """``(A, B)`` for the damped target; ``B`` None when ``E[v vᴴ] = I`` is integrated out."""
 
   @abc.abstractmethod
-  def preconditioned(self, a, h):
+  def preconditioned(self, a: jax.Array, h: jax.Array) -> jax.Array | None:
     """What a refit gives back: ``P h̃`` (``P`` before the step) when the pair holds it, else
     None (then the caller applies ``P`` before the step to the momentum itself)."""
 
@@ -136,7 +146,7 @@ class Geometry(abc.ABC):
     del n, numel
     return False
 
-  def cleanup(self, stack):
+  def cleanup(self, stack: jax.Array) -> jax.Array:
     """Repairs a group's stack ``(units, n, n)`` of dense factors after a step; runs once per
     group, outside any ``vmap``."""
     return stack
@@ -154,7 +164,8 @@ class Procrustes(Geometry):
   reads_cached_p = True
   dense_kind = ""
 
-  def damping_noise(self, keys, shapes, dtypes):
+  def damping_noise(self, keys: jax.Array, shapes: list[tuple[int, ...]],
+                    dtypes: list[Any]) -> list[jax.Array]:
     # One draw for every leaf, from the first key: on the CPU each draw is a loop of its own.
     counts = [numerics.sign_words(s, d) for s, d in zip(shapes, dtypes, strict=True)]
     words = jax.random.bits(keys[0], (max(sum(counts), 1),), jnp.uint32)
@@ -164,21 +175,22 @@ class Procrustes(Geometry):
       start += count
     return noise
 
-  def fitting_pair(self, unit, damped, inputs, dense):
+  def fitting_pair(self, unit: UnitFactors, damped: jax.Array, inputs: FitInputs,
+                   dense: Dense) -> tuple[jax.Array, jax.Array | None]:
     if unit.precond is not None:
       return numerics.apply_precond(unit.precond, damped, dense), inputs.v
     return numerics.precondition(unit.factors, damped, dense), inputs.v
 
-  def preconditioned(self, a, h):
+  def preconditioned(self, a: jax.Array, h: jax.Array) -> jax.Array | None:
     return jnp.where(jnp.any(h != 0), a, jnp.zeros_like(a))  # exactly 0 where h is
 
-  def dense_step(self, n, numel):
+  def dense_step(self, n: int, numel: int) -> FactorStep:
     return _procrustes_low_rank_step if _low_rank(n, numel) else _procrustes_step
 
-  def needs_cleanup(self, n, numel):
+  def needs_cleanup(self, n: int, numel: int) -> bool:
     return _low_rank(n, numel)
 
-  def cleanup(self, stack):
+  def cleanup(self, stack: jax.Array) -> jax.Array:
     return remove_asymmetry(stack)
 
 
@@ -192,10 +204,12 @@ class Triangular(Geometry):
   reads_cached_p = False
   dense_kind = "triangular"
 
-  def damping_noise(self, keys, shapes, dtypes):
+  def damping_noise(self, keys: jax.Array, shapes: list[tuple[int, ...]],
+                    dtypes: list[Any]) -> list[jax.Array]:
     return [jax.random.normal(k, s, d) for k, s, d in zip(keys, shapes, dtypes, strict=True)]
 
-  def fitting_pair(self, unit, damped, inputs, dense):
+  def fitting_pair(self, unit: UnitFactors, damped: jax.Array, inputs: FitInputs,
+                   dense: Dense) -> tuple[jax.Array, jax.Array | None]:
     a, b = damped, inputs.noise if inputs.v is None else inputs.v
     for axis, (q, is_dense) in enumerate(zip(unit.factors, dense, strict=True)):
       a = numerics.apply_on_axis(q, a, axis, is_dense)
@@ -203,11 +217,11 @@ class Triangular(Geometry):
       b = solve_transposed(q, b, axis, is_dense)
     return a, b
 
-  def preconditioned(self, a, h):
+  def preconditioned(self, a: jax.Array, h: jax.Array) -> jax.Array | None:
     del a, h
     return None
 
-  def dense_step(self, n, numel):
+  def dense_step(self, n: int, numel: int) -> FactorStep:
     del n, numel
     return _triangular_step
 
@@ -225,7 +239,8 @@ def _low_rank(n: int, numel: int) -> bool:
   return 2 * numel < n * n
 
 
-def _procrustes_step(q, lip, pair: Pair, axis, size: StepSize):
+def _procrustes_step(q: jax.Array, lip: jax.Array, pair: Pair, axis: int,
+                     size: StepSize) -> tuple[jax.Array, jax.Array]:
   """``Q ← R(Q − (μ/L)(term1 − term2) Q)``, ``R`` a rotation keeping ``Q`` Hermitian PD."""
   n = q.shape[0]
   term1 = gram(pair.a, axis, True)
@@ -240,7 +255,8 @@ def _procrustes_step(q, lip, pair: Pair, axis, size: StepSize):
   return procrustes_rotation(q - step * ((term1 - term2) @ q)), lip
 
 
-def _procrustes_low_rank_step(q, lip, pair: Pair, axis, size: StepSize):
+def _procrustes_low_rank_step(q: jax.Array, lip: jax.Array, pair: Pair, axis: int,
+                              size: StepSize) -> tuple[jax.Array, jax.Array]:
   """:func:`_procrustes_step` through the unfoldings, for ``2 numel < n²``.
 
   ``term1 = Y Yᴴ`` (``Y`` the mode-``axis`` unfolding of ``a``, ``(n, k)`` with ``k < n / 2``)
@@ -280,7 +296,7 @@ def _procrustes_low_rank_step(q, lip, pair: Pair, axis, size: StepSize):
   return procrustes_rotation_factored(q, left, right), lip
 
 
-def procrustes_rotation(q):
+def procrustes_rotation(q: jax.Array) -> jax.Array:
   """Rotates ``q`` towards Hermitian positive definite (online orthogonal Procrustes step).
 
   ``q ← U q`` with ``U = exp(a R) ≈ I + aR + (aR)²/2``, ``R = qᴴ - q`` normalised to unit
@@ -298,7 +314,7 @@ def procrustes_rotation(q):
   return q + a * (rq + 0.5 * a * rrq)
 
 
-def procrustes_rotation_factored(q, left, right):
+def procrustes_rotation_factored(q: jax.Array, left: jax.Array, right: jax.Array) -> jax.Array:
   """:func:`procrustes_rotation` with the skew generator ``R = left @ rightᴴ`` kept factored.
 
   ``left`` and ``right`` are ``(n, m)`` with ``m < n``: ``R q = left (rightᴴ q)`` and
@@ -321,7 +337,7 @@ def procrustes_rotation_factored(q, left, right):
   return q + left @ (a * c + 0.5 * a * a * mc)
 
 
-def remove_asymmetry(qs):
+def remove_asymmetry(qs: jax.Array) -> jax.Array:
   """Fully rotates (:func:`procrustes_rotation`) each factor of a stack ``(units, n, n)`` whose
   relative Frobenius asymmetry ``‖qᴴ - q‖ / ‖q‖`` exceeds ``ASYMMETRY_TOLERANCE``.
 
@@ -339,7 +355,7 @@ def remove_asymmetry(qs):
   return jax.lax.cond(jnp.any(needs), rotate, lambda x: x, qs)
 
 
-def _rotation_step(tr_rq, tr_rrq):
+def _rotation_step(tr_rq: jax.Array, tr_rrq: jax.Array) -> jax.Array:
   """Step ``a`` maximising ``tr((I + aR + a²R²/2) q)``: ``-tr(Rq)/tr(R²q)``, capped at 1/4."""
   safe = jnp.where(tr_rrq < 0, tr_rrq, -1.0)
   a = jnp.where(tr_rrq < 0, jnp.minimum(-tr_rq / safe, PROCRUSTES_MAX_STEP), PROCRUSTES_MAX_STEP)
@@ -351,8 +367,10 @@ def _rotation_step(tr_rq, tr_rrq):
 # ---------------------------------------------------------------------------------------------
 
 
-def _triangular_step(q, lip, pair: Pair, axis, size: StepSize):
+def _triangular_step(q: jax.Array, lip: jax.Array, pair: Pair, axis: int,
+                     size: StepSize) -> tuple[jax.Array, jax.Array]:
   """``Q ← Q − (μ/L) triu(term1 − term2) Q`` on the group of upper-triangular matrices."""
+  assert pair.b is not None  # the triangular pair always has B = Q⁻ᴴ v
   term1 = gram(pair.a, axis, True)
   term2 = gram(pair.b, axis, True)
   bound = numerics.norm_lower_bound(term1 + term2)
@@ -360,7 +378,7 @@ def _triangular_step(q, lip, pair: Pair, axis, size: StepSize):
   return q - step * upper_matmul(jnp.triu(term1 - term2), q), lip
 
 
-def upper_matmul(a, b, min_block=512):
+def upper_matmul(a: jax.Array, b: jax.Array, min_block: int = 512) -> jax.Array:
   """``a @ b`` for upper-triangular ``a`` and ``b``, skipping the zero blocks (half the flops).
 
   Splits in 2 x 2 blocks recursively while blocks stay >= ``min_block``:
@@ -378,7 +396,7 @@ def upper_matmul(a, b, min_block=512):
   return jnp.block([[top_left, top_right], [bottom_left, bottom_right]])
 
 
-def solve_transposed(factor, x, axis, dense):
+def solve_transposed(factor: jax.Array, x: jax.Array, axis: int, dense: bool) -> jax.Array:
   """``Q_i⁻ᴴ`` applied along ``axis`` of ``x`` (a triangular solve for a dense factor)."""
   if not dense:
     return x / factor.reshape(numerics.axis_shape(x.ndim, axis, factor.shape[0]))
@@ -394,7 +412,8 @@ def solve_transposed(factor, x, axis, dense):
 
 
 @functools.cache
-def _triangular_solve(left_side: bool, transpose_a: bool, conjugate_a: bool):
+def _triangular_solve(left_side: bool, transpose_a: bool,
+                      conjugate_a: bool) -> Callable[[jax.Array, jax.Array], jax.Array]:
   """``lax.linalg.triangular_solve`` (upper triangular ``a``) that, batched on a single CPU
   device, loops over its batch instead of calling the batched LAPACK kernel.
 

@@ -13,13 +13,20 @@ between geometries is :mod:`optax_rlx._kron_geometry`.
 """
 
 import math
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+from jax.typing import ArrayLike, DTypeLike
 
 from optax_rlx._common import abs2 as _abs2
 from optax_rlx._common import real_dtype
+
+Factors = tuple[jax.Array, ...]
+"""A unit's factors, one per axis: ``(n, n)`` dense or ``(n,)`` diagonal."""
+
+Dense = tuple[bool, ...]
+"""Per axis, whether its factor is dense."""
 
 
 class Pair(NamedTuple):
@@ -45,7 +52,7 @@ class StepSize(NamedTuple):
   lipschitz_decay: jax.Array
 
 
-def normalise_pair(a, b):
+def normalise_pair(a: jax.Array, b: jax.Array | None) -> tuple[Pair, jax.Array]:
   """``(Pair, e)``: ``a`` and ``b`` divided by a power of two ``2^e >= max |entry|`` (``>= 1``
   when ``b`` is None), so Gram terms cannot overflow and every step sees them scaled by exactly
   ``4^-e``; Lipschitz estimates move to and from that scale by :func:`ldexp` with ``∓2e``."""
@@ -56,7 +63,8 @@ def normalise_pair(a, b):
   return Pair(ldexp(a, -e), None, ldexp(jnp.ones([], real_dtype(a.dtype)), -2 * e)), e
 
 
-def lipschitz_step(lip, bound, size: StepSize, dtype):
+def lipschitz_step(lip: jax.Array, bound: jax.Array, size: StepSize,
+                   dtype: DTypeLike) -> tuple[jax.Array, jax.Array]:
   """``L ← max(β_L L + (1 − β_L) ℓ, ℓ)`` and the step ``μ / L``; returns ``(L, μ / L)``."""
   bound = bound.astype(jnp.float32)
   decay = size.lipschitz_decay
@@ -64,14 +72,15 @@ def lipschitz_step(lip, bound, size: StepSize, dtype):
   return lip, (size.lr / jnp.maximum(lip, jnp.finfo(jnp.float32).tiny)).astype(dtype)
 
 
-def probe_term(pair: Pair, n: int, dtype):
+def probe_term(pair: Pair, n: int, dtype: DTypeLike) -> jax.Array:
   """The integrated-out probe's Gram scalar ``probe_variance · numel / n`` along an axis of
   size ``n``."""
   assert pair.probe_variance is not None  # set whenever the probe is integrated out
   return (pair.probe_variance * (pair.a.size / n)).astype(real_dtype(dtype))
 
 
-def diagonal_step(q, lip, pair: Pair, axis: int, size: StepSize):
+def diagonal_step(q: jax.Array, lip: jax.Array, pair: Pair, axis: int,
+                  size: StepSize) -> tuple[jax.Array, jax.Array]:
   """``q ← q (1 − (μ/L)(diag term1 − diag term2))`` for a diagonal factor ``q`` of ``(n,)``;
   the same in every geometry."""
   term1 = gram(pair.a, axis, False)
@@ -90,7 +99,7 @@ def diagonal_step(q, lip, pair: Pair, axis: int, size: StepSize):
 # ---------------------------------------------------------------------------------------------
 
 
-def precondition(factors, x, dense):
+def precondition(factors: Factors, x: jax.Array, dense: Dense) -> jax.Array:
   """``P x`` with ``P = Qᴴ Q``: each factor applied as ``Q_iᴴ Q_i`` on its axis.
 
   A dense factor of size ``n`` is applied as ``Q_iᴴ (Q_i x)`` (``4 n · numel`` flops) when
@@ -108,19 +117,19 @@ def precondition(factors, x, dense):
   return x
 
 
-def precond_factors(factors, dense):
+def precond_factors(factors: Factors, dense: Dense) -> Factors:
   """Per axis the factor of ``P = P_1 ⊗ ... ⊗ P_r``: ``P_i = Q_iᴴ Q_i`` (dense) or ``q_i²``."""
   return tuple(ct(q) @ q if d else q * q for q, d in zip(factors, dense, strict=True))
 
 
-def apply_precond(precond, x, dense):
+def apply_precond(precond: Factors, x: jax.Array, dense: Dense) -> jax.Array:
   """``P x`` from the factors of :func:`precond_factors` (``2 n · numel`` flops per dense one)."""
   for axis, (p, is_dense) in enumerate(zip(precond, dense, strict=True)):
     x = apply_on_axis(p, x, axis, is_dense)
   return x
 
 
-def apply_on_axis(factor, x, axis, dense):
+def apply_on_axis(factor: jax.Array, x: jax.Array, axis: int, dense: bool) -> jax.Array:
   """``factor`` (dense ``(n, n)`` or diagonal ``(n,)``) applied along ``axis`` of ``x``."""
   if not dense:
     return x * factor.reshape(axis_shape(x.ndim, axis, factor.shape[0]))
@@ -131,18 +140,18 @@ def apply_on_axis(factor, x, axis, dense):
   return jnp.moveaxis(jnp.tensordot(factor, x, axes=(1, axis)), 0, axis)
 
 
-def cast_factors(factors, dense, dtype):
+def cast_factors(factors: Factors, dense: Dense, dtype: DTypeLike) -> Factors:
   """Factors cast to ``dtype`` (to its real part for diagonal factors, which are real)."""
   real = real_dtype(dtype)
   return tuple(q.astype(dtype if d else real) for q, d in zip(factors, dense, strict=True))
 
 
-def axis_shape(ndim, axis, size):
+def axis_shape(ndim: int, axis: int, size: int) -> tuple[int, ...]:
   """``(1, ..., size, ..., 1)``: a vector broadcast along ``axis`` of an ``ndim`` tensor."""
   return tuple(size if k == axis else 1 for k in range(ndim))
 
 
-def ct(a):
+def ct(a: jax.Array) -> jax.Array:
   """``aᴴ``: the conjugate transpose (``aᵀ`` for real ``a``)."""
   return jnp.conj(a).T
 
@@ -152,7 +161,7 @@ def ct(a):
 # ---------------------------------------------------------------------------------------------
 
 
-def gram(x, axis, dense):
+def gram(x: jax.Array, axis: int, dense: bool) -> jax.Array:
   """``x xᴴ`` contracted over every axis but ``axis``: ``(n, n)``, or its (real) diagonal."""
   others = tuple(k for k in range(x.ndim) if k != axis)
   if dense:
@@ -160,13 +169,13 @@ def gram(x, axis, dense):
   return jnp.sum(_abs2(x), axis=others)
 
 
-def unfold(x, axis):
+def unfold(x: jax.Array, axis: int) -> jax.Array:
   """The mode-``axis`` unfolding ``(n, numel / n)``: its Gram matrix is ``gram(x, axis, True)``."""
   moved = jnp.moveaxis(x, axis, 0)
   return moved.reshape(moved.shape[0], -1)
 
 
-def norm_lower_bound(a):
+def norm_lower_bound(a: jax.Array) -> jax.Array:
   """A cheap lower bound of ``‖a‖₂`` for Hermitian ``a`` (two power iterations)."""
   scale = jnp.max(jnp.abs(a))
   safe = jnp.where(scale > 0, scale, 1.0)
@@ -180,7 +189,7 @@ def norm_lower_bound(a):
   return jnp.where(scale > 0, safe * jnp.linalg.norm(a @ x), 0.0)
 
 
-def norm_lower_bound_gram(z):
+def norm_lower_bound_gram(z: jax.Array) -> jax.Array:
   """``norm_lower_bound(z zᴴ)`` without forming ``z zᴴ`` (for tall, thin ``z``)."""
   scale = jnp.max(jnp.abs(z))
   safe = jnp.where(scale > 0, scale, 1.0)
@@ -201,7 +210,7 @@ def norm_lower_bound_gram(z):
 _SAME_WIDTH_INT = {2: jnp.int16, 4: jnp.int32, 8: jnp.int64}
 
 
-def pow2_exponent(x):
+def pow2_exponent(x: jax.Array) -> jax.Array:
   """The int32 ``e`` with ``max|x| < 2^e <= 2 max|x|`` (0 when ``x`` is all zero or not finite).
 
   Dividing by ``2^e`` is exact in floating point, so scaling by it keeps every bit of ``x``.
@@ -215,7 +224,7 @@ def pow2_exponent(x):
   return jnp.where(ok, jnp.maximum(biased, 1) - bias + 1, 0).astype(jnp.int32)
 
 
-def ldexp(x, e):
+def ldexp(x: jax.Array, e: ArrayLike) -> jax.Array:
   """``x · 2^e``, exact (barring overflow and underflow of the result), for real or complex
   ``x``: three exact multiplications by normal powers of two of the same sign of exponent."""
   real = real_dtype(x.dtype)
@@ -226,26 +235,26 @@ def ldexp(x, e):
   return x
 
 
-def rms(x):
+def rms(x: jax.Array) -> jax.Array:
   """``sqrt(mean |x|²)`` without overflow or underflow (computed on ``x / 2^e``)."""
   e = pow2_exponent(x)
   return ldexp(jnp.sqrt(jnp.mean(_abs2(ldexp(x, -e)))), e)
 
 
-def clip_by_rms(u, threshold):
+def clip_by_rms(u: jax.Array, threshold: ArrayLike | None) -> jax.Array:
   """``u / max(1, RMS(u) / threshold)``; ``u`` itself when ``threshold`` is None."""
   if threshold is None:
     return u
   return u / jnp.maximum(1.0, rms(u) / threshold).astype(u.dtype)
 
 
-def _float_bits(dtype):
+def _float_bits(dtype: DTypeLike) -> tuple[Any, int, int]:
   """``(int dtype of the same width, mantissa bits, exponent bias)`` of a real float dtype."""
   info = jnp.finfo(dtype)
   return _SAME_WIDTH_INT[jnp.dtype(dtype).itemsize], int(info.nmant), int(info.maxexp) - 1
 
 
-def _exact_pow2(e, dtype):
+def _exact_pow2(e: jax.Array, dtype: DTypeLike) -> jax.Array:
   """``2^e`` in ``dtype`` for an int32 ``e`` in its normal range (built from the bits)."""
   int_dtype, nmant, bias = _float_bits(dtype)
   return jax.lax.bitcast_convert_type((e.astype(int_dtype) + bias) << nmant, dtype)
@@ -256,7 +265,8 @@ def _exact_pow2(e, dtype):
 # ---------------------------------------------------------------------------------------------
 
 
-def auto_scale(factors, h, v, precond=None):
+def auto_scale(factors: Factors, h: jax.Array, v: jax.Array | None,
+               precond: Factors | None = None) -> tuple[Factors, Factors | None]:
   """The factors (and their cached :func:`precond_factors`, or None) times the
   :func:`initial_scale` of the pair ``(h, v)``, split evenly over the factors."""
   scale = initial_scale(h, v) ** (1.0 / len(factors))
@@ -266,7 +276,7 @@ def auto_scale(factors, h, v, precond=None):
   return factors, precond
 
 
-def initial_scale(h, v):
+def initial_scale(h: jax.Array, v: jax.Array | None) -> jax.Array:
   """Scale of ``Q`` from the first pair: ``(mean |h|⁴ / mean |v|⁴)^(-1/8)``, 1 if undefined.
 
   Computed on ``h / 2^e_h`` and ``v / 2^e_v`` (:func:`pow2_exponent`), so it neither overflows
@@ -282,7 +292,7 @@ def initial_scale(h, v):
   return jnp.where(ok & jnp.isfinite(scale) & (scale > 0), scale, 1.0)
 
 
-def balance(factors):
+def balance(factors: Factors) -> Factors:
   """Rescales factors to equal max-abs (their geometric mean); ``Q`` itself is unchanged."""
   if len(factors) < 2:
     return factors
@@ -293,7 +303,7 @@ def balance(factors):
   return tuple(q * (gmean / n) for q, n in zip(factors, safe, strict=True))
 
 
-def _abs4(x):
+def _abs4(x: jax.Array) -> jax.Array:
   """``|x|⁴`` elementwise (``x**4`` for real ``x``)."""
   return jnp.square(_abs2(x)) if jnp.iscomplexobj(x) else x**4
 
@@ -303,12 +313,12 @@ def _abs4(x):
 # ---------------------------------------------------------------------------------------------
 
 
-def sign_words(shape, dtype):
+def sign_words(shape: tuple[int, ...], dtype: DTypeLike) -> int:
   """How many random 32-bit words :func:`signs_from_words` needs for ``shape`` and ``dtype``."""
   return -(-_sign_count(shape, dtype) // 32)
 
 
-def signs_from_words(words, shape, dtype):
+def signs_from_words(words: jax.Array, shape: tuple[int, ...], dtype: DTypeLike) -> jax.Array:
   """Rademacher noise of ``shape`` from :func:`sign_words` random ``uint32`` ``words``: entries
   ``±1`` (complex: ``(±1 ± i)/√2``), one bit each, so ``E[n nᴴ] = I`` like ``N(0, I)``.
 
@@ -325,6 +335,6 @@ def signs_from_words(words, shape, dtype):
   return jax.lax.complex(pairs[..., 0], pairs[..., 1]).astype(dtype)
 
 
-def _sign_count(shape, dtype):
+def _sign_count(shape: tuple[int, ...], dtype: DTypeLike) -> int:
   """Random signs for ``shape``: one per entry, two for a complex one."""
   return math.prod(shape) * (2 if jnp.issubdtype(dtype, jnp.complexfloating) else 1)

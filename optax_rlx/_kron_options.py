@@ -51,7 +51,7 @@ class UpdateProbSchedule:
   decay: float = 0.001
   flat_start: int = 500
 
-  def __call__(self, count):
+  def __call__(self, count: jax.typing.ArrayLike) -> jax.Array:
     t = jnp.asarray(count, jnp.float32)
     return jnp.clip(self.max_prob * jnp.exp(-self.decay * (t - self.flat_start)),
                     self.min_prob, self.max_prob)

@@ -9,7 +9,7 @@ unit*, a tensor of shape ``plan.block_shape``; a stacked or blocked leaf is a ba
 """
 
 import dataclasses
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -303,7 +303,7 @@ def dense_entries(plans: list[LeafPlan]) -> int:
                            if is_dense) for p in plans)
 
 
-def to_units(x, plan: LeafPlan):
+def to_units(x: Any, plan: LeafPlan) -> Any:
   """A leaf-shaped array as ``(units,) + plan.block_shape``: layers and blocks on one axis.
 
   Works on any array with ``reshape`` and ``transpose`` (JAX or NumPy).
@@ -323,7 +323,7 @@ def to_units(x, plan: LeafPlan):
   return x.reshape((plan.units, *plan.block_shape))
 
 
-def from_units(u, plan: LeafPlan):
+def from_units(u: Any, plan: LeafPlan) -> Any:
   """Inverse of :func:`to_units`: back to the leaf's shape."""
   if plan.blocked:
     layers = (plan.leaf_shape[0],) if plan.stacked else ()

@@ -21,6 +21,7 @@ from optax_rlx import _kron_numerics as numerics
 from optax_rlx import _kron_plan as planning
 from optax_rlx import _kron_state as state_lib
 from optax_rlx._kron_geometry import FitInputs, UnitFactors, fit_unit
+from optax_rlx._kron_numerics import Dense
 from optax_rlx._kron_options import KronConfig
 from optax_rlx._kron_state import GroupFactors, KronState
 
@@ -48,7 +49,8 @@ class _Refit(NamedTuple):
   lr: jax.Array  # precond_lr at this step
 
 
-def _step(updates, state: KronState, params, obj_fn, layout: planning.Layout, cfg: KronConfig):
+def _step(updates: Any, state: KronState, params: Any, obj_fn: Any, layout: planning.Layout,
+          cfg: KronConfig) -> tuple[Any, KronState]:
   """Momentum → refit decision → (refit, inside one ``lax.cond``) → apply and clip."""
   count, count_inc = state.count, optax.safe_increment(state.count)
   grads = jax.tree.leaves(updates)
@@ -84,7 +86,8 @@ def _step(updates, state: KronState, params, obj_fn, layout: planning.Layout, cf
       state, layout, groups)
 
 
-def _momentum(updates, mu, count_inc, cfg: KronConfig):
+def _momentum(updates: Any, mu: Any, count_inc: jax.Array,
+              cfg: KronConfig) -> tuple[list[jax.Array], Any]:
   """``(m̂ leaves, new mu)``: the bias-corrected (optionally Nesterov) EMA of the gradients."""
   if not cfg.uses_momentum:
     return jax.tree.leaves(updates), mu
@@ -106,7 +109,8 @@ def _momentum(updates, mu, count_inc, cfg: KronConfig):
   return jax.tree.leaves(m_hat), jax.tree.map(lambda m, old: m.astype(old.dtype), new_mu, mu)
 
 
-def _refit_decision(count, precond_acc, update_prob):
+def _refit_decision(count: jax.Array, precond_acc: jax.Array,
+                    update_prob: Any) -> tuple[jax.Array, jax.Array]:
   """``(refit?, new accumulator)``: refit whenever the running sum of ``p(t)`` reaches 1."""
   prob = jnp.clip(jnp.asarray(_common.schedule_value(update_prob, count), jnp.float32), 0, 1)
   acc = precond_acc + prob
@@ -114,7 +118,8 @@ def _refit_decision(count, precond_acc, update_prob):
   return do_refit, jnp.where(do_refit, acc - 1.0, acc)
 
 
-def _fit_batches(key, m_units, grads, newton_inputs, ctx: _Refit) -> list[FitInputs]:
+def _fit_batches(key: jax.Array, m_units: list[Any], grads: list[jax.Array],
+                 newton_inputs: tuple[Any, Any], ctx: _Refit) -> list[FitInputs]:
   """Per group the stacked :class:`FitInputs`: whitening fits ``m̂`` or the gradient with no
   probe; Newton fits ``H v`` with ``v ~ N(0, I)``. Damping noise from the geometry.
 
@@ -144,12 +149,13 @@ def _fit_batches(key, m_units, grads, newton_inputs, ctx: _Refit) -> list[FitInp
   return [FitInputs(h, v, x) for h, v, x in zip(h_units, v_units, noise_units, strict=True)]
 
 
-def _any_per_unit(x):
+def _any_per_unit(x: jax.Array) -> jax.Array:
   """Whether each unit (leading axis) of ``x`` has a nonzero entry, shaped to broadcast."""
   return jnp.any(x != 0, axis=tuple(range(1, x.ndim)), keepdims=True)
 
 
-def _hessian_probe(keys, newton_inputs):
+def _hessian_probe(keys: jax.Array,
+                   newton_inputs: tuple[Any, Any]) -> tuple[list[jax.Array], list[jax.Array]]:
   """Per leaf ``(H v, v)``, ``v ~ N(0, I)``: one Hessian-vector product of ``obj_fn``."""
   params, obj_fn = newton_inputs
   leaves, treedef = jax.tree.flatten(params)
@@ -160,7 +166,8 @@ def _hessian_probe(keys, newton_inputs):
   return [jnp.conj(h) if jnp.iscomplexobj(h) else h for h in jax.tree.leaves(hvp)], probes
 
 
-def _refit_group(index: int, group: GroupFactors, inputs: FitInputs, m_units, ctx: _Refit):
+def _refit_group(index: int, group: GroupFactors, inputs: FitInputs, m_units: Any,
+                 ctx: _Refit) -> tuple[GroupFactors, jax.Array | None]:
   """One fitting step of every unit of a group (one vmapped call), in float32 or wider.
 
   Returns the new :class:`GroupFactors` (factors as stored, ``P_i`` of them when cached) and
@@ -193,7 +200,7 @@ def _refit_group(index: int, group: GroupFactors, inputs: FitInputs, m_units, ct
   return GroupFactors(stored, fitted.lips, precond), units
 
 
-def _widened(group: GroupFactors, dense, dtype) -> GroupFactors:
+def _widened(group: GroupFactors, dense: Dense, dtype: Any) -> GroupFactors:
   """``group``'s factors (and cached ``P_i``) in the compute ``dtype``."""
   precond = None if group.precond is None else numerics.cast_factors(group.precond, dense, dtype)
   return GroupFactors(numerics.cast_factors(group.factors, dense, dtype), group.lips, precond)
@@ -219,21 +226,22 @@ def _auto_scaled(group: GroupFactors, inputs: FitInputs) -> GroupFactors:
   return group._replace(factors=factors, precond=precond)
 
 
-def _precondition(group: GroupFactors, m_units, dense):
+def _precondition(group: GroupFactors, m_units: jax.Array | None, dense: Dense) -> jax.Array | None:
   """The units' ``P m̂`` from the stored factors (None for a group of empty units)."""
   if m_units is None:
     return None
   return _apply(_widened(group, dense, m_units.dtype), m_units, dense)
 
 
-def _apply(group: GroupFactors, m_units, dense):
+def _apply(group: GroupFactors, m_units: jax.Array, dense: Dense) -> jax.Array:
   """``P m̂`` per unit: from the cached ``P_i`` where there are any, else from the factors."""
   if group.precond is not None:
     return jax.vmap(lambda p, x: numerics.apply_precond(p, x, dense))(group.precond, m_units)
   return jax.vmap(lambda f, x: numerics.precondition(f, x, dense))(group.factors, m_units)
 
 
-def _leaf_updates(units, grads, layout: planning.Layout, update_clip):
+def _leaf_updates(units: list[Any], grads: list[jax.Array], layout: planning.Layout,
+                  update_clip: Any) -> list[jax.Array]:
   """Per group ``units`` (``P m̂``) clipped by RMS per unit, back in each leaf's shape and its
   gradient's dtype (zeros for empty leaves)."""
   out = [jnp.zeros_like(g) for g in grads]
@@ -248,7 +256,7 @@ def _leaf_updates(units, grads, layout: planning.Layout, update_clip):
   return out
 
 
-def _stack_units(layout: planning.Layout, leaves: list):
+def _stack_units(layout: planning.Layout, leaves: list[jax.Array]) -> list[Any]:
   """Per group, its leaves' units of ``leaves`` in the group's compute dtype (float32 or wider:
   the params', whatever the gradients' dtype) stacked along the group axis (None for a group of
   empty units)."""
@@ -262,10 +270,10 @@ def _compute_dtype(layout: planning.Layout, leaf: int) -> jnp.dtype:
   return jnp.dtype(layout.groups[layout.slots[leaf].group].dtypes.compute)
 
 
-def _stack_groups(layout: planning.Layout, units: list):
+def _stack_groups(layout: planning.Layout, units: list[jax.Array]) -> list[Any]:
   """Per group, ``units`` (one ``(count, *block_shape)`` array per leaf) concatenated in storage
   order and zero-padded to the group's size; None for a group of empty units."""
-  out: list[jax.Array | None] = []
+  out: list[Any] = []
   for g, group in enumerate(layout.groups):
     if 0 in group.block_shape:
       out.append(None)

@@ -12,7 +12,7 @@ from optax_rlx._kron_state import KronState, has_cache
 _OWNER = "state_sharding"
 
 
-def _like_param(leaf, param, sharding: NamedSharding, mesh) -> NamedSharding:
+def _like_param(leaf: Any, param: Any, sharding: NamedSharding, mesh: Any) -> NamedSharding:
   """A state leaf laid out along its param's axes takes the param's spec on axes of equal size.
 
   Axes whose size differs from the param's (an Adafactor statistic's reduced axis, a ``(1,)``
@@ -25,11 +25,12 @@ def _like_param(leaf, param, sharding: NamedSharding, mesh) -> NamedSharding:
   return NamedSharding(sharding.mesh, PartitionSpec(*spec))
 
 
-def _is_masked(x) -> bool:
+def _is_masked(x: Any) -> bool:
   return isinstance(x, optax.MaskedNode)
 
 
-def state_sharding(tx: optax.GradientTransformation, params: Any, param_shardings: Any = None):
+def state_sharding(tx: optax.GradientTransformation, params: Any,
+                   param_shardings: Any = None) -> Any:
   r"""Shardings of ``tx.init(params)`` for params sharded by ``param_shardings``.
 
   Use the result as ``out_shardings`` of ``jax.jit(tx.init)`` and as the state's
@@ -109,7 +110,7 @@ def state_sharding(tx: optax.GradientTransformation, params: Any, param_sharding
   replicated = NamedSharding(mesh, PartitionSpec())
   abstract = jax.eval_shape(tx.init, params)
 
-  def params_like(node):
+  def params_like(node: Any) -> Any:
     leaves, treedef = jax.tree.flatten(node, is_leaf=_is_masked)
     if treedef != param_def:
       return None
@@ -119,7 +120,8 @@ def state_sharding(tx: optax.GradientTransformation, params: Any, param_sharding
     ]
     return treedef.unflatten(out)
 
-  def on_mesh(placed):  # a group array's sharding on the explicit mesh, on the params' mesh
+  def on_mesh(placed: Any) -> NamedSharding:
+    # A group array's sharding on the explicit mesh, on the params' mesh.
     spec = placed.sharding.spec if placed.sharding else PartitionSpec()
     return replicated if all(e is None for e in spec) else NamedSharding(mesh, spec)
 
@@ -130,7 +132,7 @@ def state_sharding(tx: optax.GradientTransformation, params: Any, param_sharding
                               mu=assign(state.mu, state.mu), Qs=groups[0], Ls=groups[1],
                               Ps=groups[2])
 
-  def assign(node, placed):
+  def assign(node: Any, placed: Any) -> Any:
     """Shardings of ``node``; ``placed`` is the same part of the explicitly placed state."""
     if isinstance(node, KronState):
       return kron(node, placed)
@@ -149,7 +151,8 @@ def state_sharding(tx: optax.GradientTransformation, params: Any, param_sharding
   return assign(abstract, _explicitly_placed(tx, params, sharding_leaves, param_def))
 
 
-def _explicitly_placed(tx, params, shardings, param_def):
+def _explicitly_placed(tx: optax.GradientTransformation, params: Any,
+                       shardings: list[NamedSharding], param_def: Any) -> Any:
   """``jax.eval_shape(tx.init)`` on the params placed on an explicit-axes copy of their mesh,
   where the state's abstract arrays carry the shardings ``init`` gives them."""
   mesh = shardings[0].mesh

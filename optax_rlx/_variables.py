@@ -8,6 +8,7 @@ Kron factor) must not inherit it, or nnx shards it with the param's (wrong-rank)
 import flax: a Variable is recognised by its ``get_value`` and ``get_metadata`` methods.
 """
 
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -28,14 +29,15 @@ def plain_arrays(
   linen, Equinox) the wrapper changes nothing.
   """
 
-  def init_fn(params):
+  def init_fn(params: Any) -> Any:
     pure, rewrap = split_variables(params)
     state = tx.init(pure)
     if pure is params:
       return state
     return _map_params_like(rewrap, state, jax.tree.structure(pure))
 
-  def update_fn(updates, state, params=None, **extra_args):
+  def update_fn(updates: Any, state: Any, params: Any = None,
+                **extra_args: Any) -> tuple[Any, Any]:
     updates, rewrap_updates = split_variables(updates)
     state, rewrap_state = split_variables(state)
     if params is not None:
@@ -72,7 +74,7 @@ def split_variables(tree: Any) -> tuple[Any, Any]:
   return pure, rewrap
 
 
-def _map_params_like(fn, node: Any, params_def: Any) -> Any:
+def _map_params_like(fn: Callable[[Any], Any], node: Any, params_def: Any) -> Any:
   """``node`` with ``fn`` applied to every subtree whose structure is ``params_def``."""
   if jax.tree.structure(node) == params_def:
     return fn(node)
