@@ -27,3 +27,15 @@ def test_every_page_is_in_a_toctree():
   pages = [p.relative_to(DOCS).with_suffix("").as_posix()
            for p in DOCS.rglob("*.md") if p.name != "index.md" and "_build" not in p.parts]
   assert pages and all(page in index for page in pages), pages
+
+
+@pytest.mark.parametrize("page", ["guides/recipes.md"])
+def test_recipe_pages_run_as_written(page):
+  """The page's Python blocks, executed in order in one namespace (each asserts its result)."""
+  if "equinox" in (DOCS / page).read_text():
+    pytest.importorskip("equinox")
+  blocks = re.findall(r"^```python\n(.*?)^```", (DOCS / page).read_text(), flags=re.M | re.S)
+  assert blocks
+  namespace: dict = {}
+  for block in blocks:
+    exec(compile(block, page, "exec"), namespace)  # our own docs
