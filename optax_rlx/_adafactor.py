@@ -325,7 +325,9 @@ def scale_by_adafactor(
       before it use ``t = 1``, so no offset can produce a NaN.
     beta2_cap: optional upper bound on :math:`\hat\beta_{2,t}` (Zhai et al. use 0.999).
     epsilon1: added to :math:`G^2` before averaging (paper: 1e-30).
-    variance_floor: ``None`` (paper), or torch-style floors described above.
+    variance_floor: ``None`` (paper), or ``f`` for ``torch.optim.Adafactor``'s clamps:
+      :math:`\hat V = R C^\top / \max(\mathrm{mean}(R), f)`,
+      :math:`U = G / \sqrt{\max(\hat V, f^2)}`.
     clipping_threshold: :math:`d`, the largest RMS of the update per leaf; ``None`` disables it.
     factoring: which two axes of an N-D leaf to factor: ``'largest_two'`` (the two largest axes,
       as optax and T5X), ``'last_two'`` (as torch and Hugging Face), ``'none'``, a callable
@@ -521,14 +523,7 @@ def adafactor(
       relative step :func:`relative_step_schedule`.
     multiply_by_parameter_scale: scale steps by :math:`s_t` (paper: True).
     epsilon2: :math:`\epsilon_2`, the floor of the parameter scale (paper: 1e-3).
-    clipping_threshold: see :func:`scale_by_adafactor`.
-    decay_rate: see :func:`scale_by_adafactor`.
-    decay_offset: see :func:`scale_by_adafactor`.
-    beta2_cap: see :func:`scale_by_adafactor`.
-    epsilon1: see :func:`scale_by_adafactor`.
-    variance_floor: see :func:`scale_by_adafactor`.
-    factoring: see :func:`scale_by_adafactor`.
-    min_dim_size_to_factor: see :func:`scale_by_adafactor`.
+    {options of scale_by_adafactor}
     b1: momentum decay :math:`b_1` in [0, 1), or None for no momentum (paper); 0 keeps a
       momentum buffer, so the state's structure never depends on the value.
     mu_dtype: dtype of the momentum (its complex counterpart for complex params); None means
@@ -598,3 +593,7 @@ def adafactor(
           weight_decay_mask=weight_decay_mask,
       )),
   )
+
+
+adafactor.__doc__ = (adafactor.__doc__ or "").replace(
+    "{options of scale_by_adafactor}", _common.args_section(scale_by_adafactor.__doc__ or ""))

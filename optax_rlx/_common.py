@@ -385,3 +385,10 @@ def decoupled_weight_decay(weight_decay: Any, mask: Any,
     return updates, state
 
   return optax.GradientTransformation(decay.init, skip)
+
+
+def args_section(docstring: str) -> str:
+  """The entries of a Google-style docstring's ``Args:`` section, as written (an alias's
+  docstring takes its transform's this way)."""
+  start = docstring.index("  Args:\n") + len("  Args:\n")
+  return docstring[start:docstring.index("\n\n", start)].strip()

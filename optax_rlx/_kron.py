@@ -348,11 +348,5 @@ def fill_masked(obj_fn: Callable[[Any], jax.Array], params: Any) -> Callable[[An
   return filled
 
 
-def _args_section(docstring: str) -> str:
-  """The entries of a Google-style docstring's ``Args:`` section, as written."""
-  start = docstring.index("  Args:\n") + len("  Args:\n")
-  return docstring[start:docstring.index("\n\n", start)].strip()
-
-
 kron.__doc__ = (kron.__doc__ or "").replace("{options of scale_by_kron}",
-                                            _args_section(scale_by_kron.__doc__ or ""))
+                                            _common.args_section(scale_by_kron.__doc__ or ""))

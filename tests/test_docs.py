@@ -1,5 +1,6 @@
 """The documentation covers the public API: every name in ``optax_rlx.__all__`` has an entry."""
 
+import inspect
 import pathlib
 import re
 
@@ -39,3 +40,20 @@ def test_recipe_pages_run_as_written(page):
   namespace: dict = {}
   for block in blocks:
     exec(compile(block, page, "exec"), namespace)  # our own docs
+
+
+@pytest.mark.parametrize("name", [n for n in optax_rlx.__all__
+                                  if inspect.isfunction(getattr(optax_rlx, n))])
+def test_every_argument_is_described_where_users_look(name):
+  """Each parameter of each public function has its own entry in the function's ``Args:``
+  (an alias repeats its transform's entries; no "see ..." in place of a description)."""
+  fn = getattr(optax_rlx, name)
+  doc = fn.__doc__
+  section = doc[doc.index("  Args:\n"):doc.index("\n\n", doc.index("  Args:\n"))]
+  entries = dict(re.findall(r"^    (\w+): (.*)$", section, flags=re.M))
+  same_options = "**options:" in section  # kron_by_leaf: the options the state was made with
+  for param in inspect.signature(fn).parameters:
+    if same_options and param in optax_rlx.KronOptions.__annotations__:
+      continue
+    assert param in entries, (name, param)
+    assert not entries[param].startswith("see "), (name, param, entries[param])
