@@ -26,8 +26,10 @@ validation loss, and a plot of the metric against steps and against wall-clock
 (``compare[_quick]_<problem>.png``).
 
 Usage:
-  python benchmarks/compare.py --quick     # <= 3 minutes on 2 CPU cores
+  python benchmarks/compare.py --quick     # <= 3 minutes on 2 idle CPU cores (2.5 measured)
   python benchmarks/compare.py             # full mode, <= 30 minutes on 2 CPU cores
+Quick mode runs fewer steps, one seed, and the optimizers of ``QUICK_OPTIMIZERS``; it skips the
+problems whose quick curves say nothing (``in_quick=False``: delayed XOR) unless named.
 Options: ``--problems a,b``, ``--optimizers x,y``, ``--seeds N``, ``--out DIR`` (default
 ``benchmarks/results``). Writes ``compare[_quick].md``, ``.json`` and ``.png`` there (the PNG needs
 matplotlib). psgd_jax's kron is included when it is importable.
@@ -307,10 +309,9 @@ def plot_metric_curves(path, problem: Problem, results: list[Result]):
     if not r.metric_curve:
       continue
     steps, values = np.asarray(r.metric_curve).T
-    style = "-" if r.optimizer.startswith("optax_rlx") else "--"
     label = f"{r.optimizer} (lr {r.best_lr:g})"
-    axes[0].plot(steps, values, style, lw=1.4, label=label)
-    axes[1].plot(steps * r.ms_per_step / 1e3, values, style, lw=1.4, label=label)
+    axes[0].plot(steps, values, lw=1.4, label=label, **_style(r.optimizer))
+    axes[1].plot(steps * r.ms_per_step / 1e3, values, lw=1.4, label=label, **_style(r.optimizer))
   for ax, xlabel in zip(axes, ("step", "wall-clock seconds (steps × median ms/step)"), strict=True):
     ax.set_xlabel(xlabel)
     ax.set_ylabel(problem.metric_name)
@@ -319,6 +320,14 @@ def plot_metric_curves(path, problem: Problem, results: list[Result]):
   fig.tight_layout()
   fig.savefig(path, dpi=110)
   plt.close(fig)
+
+
+def _style(optimizer: str) -> dict:
+  """One colour per optimizer in every panel (its place in the full list), solid for
+  optax_rlx's, dashed for the baselines."""
+  names = [*_optimizers(), "psgd_jax.kron"]
+  colour = f"C{names.index(optimizer) % 10}" if optimizer in names else "black"
+  return {"color": colour, "ls": "-" if optimizer.startswith("optax_rlx") else "--"}
 
 
 def plot(path, problems, steps_of, results_of):
@@ -336,8 +345,7 @@ def plot(path, problems, steps_of, results_of):
       if not np.any(np.isfinite(curve)):
         continue
       x = np.arange(len(curve)) + problem.smooth
-      style = "-" if r.optimizer.startswith("optax_rlx") else "--"
-      ax.plot(x, curve, style, lw=1.4, label=f"{r.optimizer} (lr {r.best_lr:g})")
+      ax.plot(x, curve, lw=1.4, label=f"{r.optimizer} (lr {r.best_lr:g})", **_style(r.optimizer))
     ax.axhline(problem.target, color="gray", lw=0.8, ls=":")
     ax.set_yscale("log")
     ax.set_title(f"{problem.name} ({steps_of[problem.name]} steps)", fontsize=10)
@@ -346,6 +354,8 @@ def plot(path, problems, steps_of, results_of):
     ax.legend(fontsize=6.5)
   for ax in list(axes.flat)[len(problems):]:
     ax.axis("off")
+  fig.suptitle("one colour per optimizer in every panel; solid: optax_rlx, dashed: baselines",
+               fontsize=9)
   fig.tight_layout()
   fig.savefig(path, dpi=110)
   plt.close(fig)
@@ -403,6 +413,8 @@ def main(argv=None):
     if unknown:
       parser.error(f"unknown problems {sorted(unknown)}")
     problems = [p for p in problems if p.name in wanted]
+  elif args.quick:
+    problems = [p for p in problems if p.in_quick]
   table = _optimizers()
   names = list(table)
   if args.optimizers:
