@@ -27,7 +27,7 @@ kron = optax_rlx.kron(optax.cosine_decay_schedule(1e-3, 100), geometry="triangul
 tx = optax.chain(optax.clip_by_global_norm(1.0), kron)
 state = tx.init(params)
 ada = optax_rlx.adafactor(None, factoring="last_two", b1=0.9, min_dim_size_to_factor=2)
-direction = optax_rlx.scale_by_kron(criterion="newton", max_skew_dense=float("inf"))
+direction = optax_rlx.scale_by_kron(criterion="newton", max_skew_dense=3.0, block_size=1024)
 shardings = optax_rlx.state_sharding(ada, params, None)
 """
 
