@@ -7,6 +7,7 @@ import optax
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from jax_compat import enable_x64
 
 import optax_rlx
 
@@ -203,7 +204,7 @@ def test_complex_momentum_dtype_is_the_complex_counterpart_of_mu_dtype():
   params = {"w": jnp.zeros((4, 3), jnp.complex64)}
   state = optax_rlx.adafactor(1e-2, b1=0.9, mu_dtype="bfloat16").init(params)
   assert state[1].mu["w"].dtype == jnp.complex64  # no complex bfloat16: the nearest, complex64
-  with jax.enable_x64(True):
+  with enable_x64(True):
     params = {"w": jnp.zeros((4, 3), jnp.complex128)}
     state = optax_rlx.adafactor(1e-2, b1=0.9, mu_dtype=jnp.float64).init(params)
     assert state[1].mu["w"].dtype == jnp.complex128

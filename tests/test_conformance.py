@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from jax_compat import enable_x64
 
 import optax_rlx
 
@@ -378,7 +379,7 @@ def test_empty_leaves_are_carried_along(entry):
 )
 @pytest.mark.parametrize("entry", OPTIMIZERS)
 def test_updates_and_state_keep_dtypes(entry, dtype):
-  with jax.enable_x64(dtype in ("float64", "complex128")):
+  with enable_x64(dtype in ("float64", "complex128")):
     dtype = jnp.dtype(dtype)
     tx = entry.make(0.1)
     params = _tree(dtype)
@@ -401,7 +402,7 @@ def test_gradients_in_another_precision_than_the_params(entry, param_dtype, grad
   """Mixed precision (float64 params, float32 gradients, or the reverse, under x64): the state
   keeps the params' dtypes, the updates take the gradients'. Kron refused it before 2026-12-04
   ('sizes [1] do not match sizes [1]')."""
-  with jax.enable_x64(True):
+  with enable_x64(True):
     params = _tree(jnp.dtype(param_dtype))
     tx = entry.make(0.1)
     state = tx.init(params)

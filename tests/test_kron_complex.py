@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from jax_compat import enable_x64
 from kron_helpers import one_unit
 
 import optax_rlx
@@ -195,7 +196,7 @@ def test_complex_updates_are_scale_invariant_in_direction(rng):
 
 
 def test_complex_params_keep_dtype_through_the_alias_in_float64():
-  with jax.enable_x64(True):
+  with enable_x64(True):
     params = {"w": jnp.ones((7, 3), jnp.complex128), "b": jnp.ones(3, jnp.complex128)}
     tx = optax_rlx.kron(1e-2, criterion="newton", key=0)
     state = tx.init(params)

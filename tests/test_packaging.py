@@ -5,9 +5,11 @@ one source; the installed dependencies meet the declared floors."""
 import importlib.metadata
 import pathlib
 import re
+import runpy
 import subprocess
 import sys
 import tarfile
+import tomllib
 import zipfile
 
 import pytest
@@ -70,3 +72,10 @@ def test_installed_dependencies_meet_the_declared_floors():
     installed = importlib.metadata.version(name)
     as_tuple = [tuple(int(x) for x in re.findall(r"\d+", v)[:3]) for v in (installed, floor)]
     assert as_tuple[0] >= as_tuple[1], (name, installed, floor)
+
+
+def test_ci_installs_every_declared_floor_exactly():
+  """``.ci/run``'s floors environment pins what ``pyproject.toml`` declares, nothing else."""
+  floors = runpy.run_path(str(ROOT / ".ci" / "floors.py"))["pins"]()
+  declared = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+  assert floors == [d.replace(" ", "").replace(">=", "==") for d in declared]
