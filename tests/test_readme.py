@@ -2,6 +2,7 @@
 
 import pathlib
 import re
+import tomllib
 
 import jax
 import jax.numpy as jnp
@@ -33,3 +34,19 @@ def run_snippet(index, namespace):
     for _ in range(20):
       params, state = namespace["step"](params, state, x, y)
     assert float(namespace["loss"](params, x, y)) < before
+
+
+def test_links_work_on_a_package_index_page():
+  """The README is the package's description on PyPI, where relative links and images break:
+  every link is absolute and points into the repository named in ``[project.urls]``, at a file
+  that exists here."""
+  urls = tomllib.loads((README.parent / "pyproject.toml").read_text())["project"]["urls"]
+  home = urls["Repository"].removeprefix("https://github.com/")
+  targets = re.findall(r"\]\(([^)\s]+)\)", README.read_text())
+  assert targets
+  for target in targets:
+    assert target.startswith(("https://", "#")), target
+    for prefix in (f"https://raw.githubusercontent.com/{home}/main/",
+                   f"https://github.com/{home}/blob/main/"):
+      if target.startswith(prefix):
+        assert (README.parent / target.removeprefix(prefix)).exists(), target
