@@ -265,11 +265,11 @@ def _exact_pow2(e: jax.Array, dtype: DTypeLike) -> jax.Array:
 # ---------------------------------------------------------------------------------------------
 
 
-def auto_scale(factors: Factors, h: jax.Array, v: jax.Array | None,
-               precond: Factors | None = None) -> tuple[Factors, Factors | None]:
-  """The factors (and their cached :func:`precond_factors`, or None) times the
-  :func:`initial_scale` of the pair ``(h, v)``, split evenly over the factors."""
-  scale = initial_scale(h, v) ** (1.0 / len(factors))
+def scale_factors(factors: Factors, precond: Factors | None,
+                  scale: jax.Array) -> tuple[Factors, Factors | None]:
+  """The factors (and their cached :func:`precond_factors`, or None) times ``scale``, split
+  evenly over the factors. A scale of exactly 1 leaves every bit unchanged."""
+  scale = scale ** (1.0 / len(factors))
   factors = tuple(q * scale.astype(q.dtype) for q in factors)
   if precond is not None:  # (s Q_i)ᴴ (s Q_i) = s² Q_iᴴ Q_i, s real
     precond = tuple(p * jnp.square(scale).astype(p.dtype) for p in precond)
