@@ -30,7 +30,7 @@ jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
 
 # Subprocess tests with 8 simulated devices take 30-75 s each: started first, so the other
 # worker is not left waiting for one of them at the end.
-_SLOW_FIRST = ("test_sharding.py",)
+_SLOW_FIRST = ("test_sharding.py", "test_benchmark_scripts.py")
 
 
 def pytest_collection_modifyitems(items):
