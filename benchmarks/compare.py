@@ -32,7 +32,9 @@ Quick mode runs fewer steps, one seed, and the optimizers of ``QUICK_OPTIMIZERS`
 problems whose quick curves say nothing (``in_quick=False``: delayed XOR) unless named.
 Options: ``--problems a,b``, ``--optimizers x,y``, ``--seeds N``, ``--out DIR`` (default
 ``benchmarks/results``). Writes ``compare[_quick].md``, ``.json`` and ``.png`` there (the PNG needs
-matplotlib). psgd_jax's kron is included when it is importable.
+matplotlib). The other Kron ports (psgd_jax's kron, psgdax's kron in its procrustes and QUAD
+modes, distributed_kron's pro and QUAD) are included when importable, each in its library's
+defaults but the learning rate; ``optax.contrib.muon`` in its own.
 """
 
 import argparse
@@ -52,7 +54,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from _baselines import import_psgd_jax_kron
+from _baselines import import_distributed_kron_pro, import_psgd_jax_kron, import_psgdax_kron
 from _problems import ALL as ALL_PROBLEMS
 from _problems import Problem
 
@@ -75,9 +77,19 @@ def _optimizers() -> dict[str, Callable]:
       "optax.adafactor": lambda sched, key: optax.adafactor(sched),
       "optax.sgd(momentum=0.9)": lambda sched, key: optax.sgd(sched, momentum=0.9),
   }
+  table["optax.contrib.muon"] = lambda sched, key: optax.contrib.muon(sched)
   psgd_kron = import_psgd_jax_kron()
   if psgd_kron is not None:
     table["psgd_jax.kron"] = lambda sched, key: psgd_kron(sched)
+  psgdax_kron = import_psgdax_kron()
+  if psgdax_kron is not None:  # its default geometry: Q0.5EQ1.5 (procrustes)
+    table["psgdax.kron"] = lambda sched, key: psgdax_kron(sched)
+    table["psgdax.kron(QUAD)"] = lambda sched, key: psgdax_kron(sched, preconditioner_mode="QUAD")
+  pro = import_distributed_kron_pro()
+  if pro is not None:  # its defaults include weight_decay=0.1 and b1=0.95
+    table["distributed_kron.pro"] = lambda sched, key: pro(sched)
+    table["distributed_kron.pro(QUAD)"] = lambda sched, key: pro(
+        sched, preconditioner_update_style="QUAD")
   return table
 
 
@@ -325,8 +337,13 @@ def plot_metric_curves(path, problem: Problem, results: list[Result]):
 def _style(optimizer: str) -> dict:
   """One colour per optimizer in every panel (its place in the full list), solid for
   optax_rlx's, dashed for the baselines."""
-  names = [*_optimizers(), "psgd_jax.kron"]
-  colour = f"C{names.index(optimizer) % 10}" if optimizer in names else "black"
+  names = [*_optimizers(), "psgd_jax.kron", "psgdax.kron", "psgdax.kron(QUAD)",
+           "distributed_kron.pro", "distributed_kron.pro(QUAD)"]
+  names = list(dict.fromkeys(names))
+  import matplotlib
+
+  colour = (matplotlib.colormaps["tab20"](names.index(optimizer) % 20) if optimizer in names
+            else "black")
   return {"color": colour, "ls": "-" if optimizer.startswith("optax_rlx") else "--"}
 
 

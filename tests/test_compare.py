@@ -1,6 +1,7 @@
 """benchmarks/compare.py stays runnable: a tiny run writes its table, JSON and plot."""
 
 import json
+import math
 import pathlib
 import subprocess
 import sys
@@ -30,12 +31,31 @@ def test_compare_smoke_run_writes_table_json_and_plot(tmp_path):
   assert (tmp_path / "compare_quick.md").read_text().count("| optax.adam |") == 2
 
 
-def test_the_test_extra_brings_the_psgd_jax_baseline():
-  """``pip install -e ".[test]"`` must make psgd_jax's kron importable (it imports chex, which it
-  does not declare); otherwise compare.py and kron_speed.py silently drop the baseline."""
+def test_the_test_extra_brings_every_kron_baseline():
+  """``pip install -e ".[test]"`` must make every other Kron port importable (psgd_jax imports
+  chex, which it does not declare; distributed_kron needs the PartitionSpec shim on current JAX
+  and flax); otherwise compare.py and kron_speed.py silently drop the baseline."""
   sys.path.insert(0, str(ROOT / "benchmarks"))
   try:
-    from _baselines import import_psgd_jax_kron
+    import _baselines
   finally:
     sys.path.remove(str(ROOT / "benchmarks"))
-  assert callable(import_psgd_jax_kron())
+  assert callable(_baselines.import_psgd_jax_kron())
+  assert callable(_baselines.import_psgdax_kron())
+  assert callable(_baselines.import_distributed_kron_pro())
+
+
+def test_every_kron_port_runs_in_compare_in_both_of_its_modes(tmp_path):
+  """Each baseline trains (finite, decreasing loss) in compare.py's own loop."""
+  result = subprocess.run(
+      [sys.executable, str(ROOT / "benchmarks" / "compare.py"), "--problems", "least_squares",
+       "--optimizers", "psgdax.kron,psgdax.kron(QUAD),distributed_kron.pro,"
+       "distributed_kron.pro(QUAD),optax.contrib.muon", "--seeds", "1", "--steps-scale", "0.1",
+       "--out", str(tmp_path)],
+      capture_output=True, text=True, timeout=600,
+  )
+  assert result.returncode == 0, result.stderr[-3000:]
+  results = json.loads((tmp_path / "compare.json").read_text())["problems"]["least_squares"]
+  for r in results["results"]:
+    assert math.isfinite(r["final_loss"]) and r["final_loss"] < 0.5, r["optimizer"]
+  assert len(results["results"]) == 5
