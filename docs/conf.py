@@ -86,8 +86,19 @@ def _name_type_aliases(app, what, name, obj, options, signature, return_annotati
   return signature, return_annotation
 
 
+_REPOSITORY_FILES = "https://raw.githubusercontent.com/optax-rlx/optax_rlx/main/"
+
+
+def _local_images(app, relative_path, parent_docname, content):
+  """The README's images are absolute (they must work on a package index page); the pages that
+  include it show the copies in this checkout, so the docs build and read offline."""
+  del app, relative_path, parent_docname
+  content[0] = content[0].replace(_REPOSITORY_FILES, "")
+
+
 def setup(app):
   app.connect("autodoc-process-signature", _name_type_aliases)
+  app.connect("include-read", _local_images)
 
 
 def _copy_notebooks():
