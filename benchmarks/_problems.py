@@ -434,8 +434,8 @@ def stdlib_lm() -> Problem:
       warmup=50,
       eval_every=50,
       select_by_metric=True,
-      optimizers=("optax_rlx.kron", "optax.adamw", "optax_rlx.adafactor", "psgd_jax.kron",
-                  "psgdax.kron", "optax.contrib.muon"),
+      optimizers=("optax_rlx.kron", "optax_rlx.kron(quad)", "optax.adamw", "optax_rlx.adafactor",
+                  "psgd_jax.kron", "psgdax.kron", "optax.contrib.muon"),
       seeds=2,
   )
 

@@ -71,6 +71,7 @@ def _optimizers() -> dict[str, Callable]:
       # psgd_jax's preconditioner structure (every axis <= 8192 dense), for a like-for-like row.
       "optax_rlx.kron(dense)": lambda sched, key: optax_rlx.kron(
           sched, key=key, max_skew_dense=math.inf),
+      "optax_rlx.kron(quad)": lambda sched, key: optax_rlx.kron(sched, key=key, geometry="quad"),
       "optax_rlx.adafactor": lambda sched, key: optax_rlx.adafactor(sched),
       "optax.adam": lambda sched, key: optax.adam(sched),
       "optax.adamw": lambda sched, key: optax.adamw(sched, weight_decay=1e-4),

@@ -80,6 +80,7 @@ def optimizers(quick: bool) -> dict[str, optax.GradientTransformation]:
       "optax_rlx.adafactor": optax_rlx.adafactor(1e-3),
   }
   if not quick:
+    out["optax_rlx.kron (quad)"] = optax_rlx.kron(1e-3, geometry="quad", key=0)
     out["optax_rlx.kron (triangular)"] = optax_rlx.kron(1e-3, geometry="triangular", key=0)
     psgd_kron = import_psgd_jax_kron()
     if psgd_kron is not None:

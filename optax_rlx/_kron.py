@@ -63,6 +63,10 @@ def scale_by_kron(**options: Unpack[KronOptions]) -> optax.GradientTransformatio
     integrated out analytically for whitening, :math:`Q_i \leftarrow Q_i - \tfrac{\mu}{L_i}
     (\mathrm{term}_{1,i} - \mathrm{term}_{2,i}) Q_i` followed by a small orthogonal rotation that
     keeps :math:`Q_i` symmetric positive definite. Matmuls only, no solves.
+  * ``geometry='quad'`` (Li's "QUAD", ``psgd_torch`` 2025): the procrustes pair, and with
+    :math:`E_i = \mathrm{term}_{1,i} - \mathrm{term}_{2,i}`, :math:`a = \mu / (2 L_i)`:
+    :math:`Q_i \leftarrow (I - a E_i) Q_i (I - a E_i)`, symmetrised: a congruence, so
+    :math:`Q_i` stays symmetric positive definite without a rotation (two matmuls a step).
   * Diagonal factors: :math:`q_i \leftarrow q_i (1 - \tfrac{\mu}{L_i}(\mathrm{diag\,term}_{1,i} -
     \mathrm{diag\,term}_{2,i}))`.
 
@@ -108,7 +112,7 @@ def scale_by_kron(**options: Unpack[KronOptions]) -> optax.GradientTransformatio
       (``(mean h⁴ / mean v⁴)^(-1/8)`` per leaf, computed without overflow for any finite
       gradient; 1 for zero or non-finite gradients).
     criterion: ``'whitening'`` or ``'newton'``.
-    geometry: ``'procrustes'`` (default) or ``'triangular'``.
+    geometry: ``'procrustes'`` (default), ``'triangular'`` or ``'quad'``.
     precond_fit_on: whitening target: ``'momentum'`` (:math:`\hat m_t`) or ``'gradient'``.
     max_size_dense: largest axis with a dense factor; None means 8192. (This and the other
       numbers deciding the state's shapes default to None, not to their value, so that

@@ -226,7 +226,29 @@ class Triangular(Geometry):
     return _triangular_step
 
 
-GEOMETRIES: dict[str, Geometry] = {g.name: g for g in (Procrustes(), Triangular())}
+class Quad(Procrustes):
+  """Li's "QUAD" (``psgd_torch``, 2025): ``Q`` Hermitian positive definite, kept so by a
+  congruence instead of a rotation.
+
+  The pair, damping noise and refit output are procrustes' (``A = P h̃``). With ``E = term1 −
+  term2`` (Hermitian) and ``a = μ / (2L)``, a dense factor steps as ``Q ← (I − aE) Q (I − aE)``,
+  then ``Q ← (Q + Qᴴ)/2`` against round-off: a congruence by a matrix that is nonsingular
+  (``a‖E‖ ≤ μ/2 < 1``), so ``Q`` stays Hermitian positive definite with two matmuls and no
+  rotation. To first order it is the procrustes step symmetrised (``−a(EQ + QE)``); its fixed
+  point is the same, ``E = 0``. Diagonal factors step as in every geometry.
+  """
+
+  name = "quad"
+
+  def dense_step(self, n: int, numel: int) -> FactorStep:
+    return _quad_low_rank_step if _low_rank(n, numel) else _quad_step
+
+  def needs_cleanup(self, n: int, numel: int) -> bool:
+    del n, numel
+    return False
+
+
+GEOMETRIES: dict[str, Geometry] = {g.name: g for g in (Procrustes(), Triangular(), Quad())}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -360,6 +382,59 @@ def _rotation_step(tr_rq: jax.Array, tr_rrq: jax.Array) -> jax.Array:
   safe = jnp.where(tr_rrq < 0, tr_rrq, -1.0)
   a = jnp.where(tr_rrq < 0, jnp.minimum(-tr_rq / safe, PROCRUSTES_MAX_STEP), PROCRUSTES_MAX_STEP)
   return jnp.where(tr_rq > 0, a, 0.0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Quad: the factor steps.
+# ---------------------------------------------------------------------------------------------
+
+
+def _quad_step(q: jax.Array, lip: jax.Array, pair: Pair, axis: int,
+               size: StepSize) -> tuple[jax.Array, jax.Array]:
+  """``Q ← sym((I − aE) Q (I − aE))``, ``E = term1 − term2``, ``a = μ / (2L)``."""
+  n = q.shape[0]
+  term1 = gram(pair.a, axis, True)
+  if pair.b is None:  # whitening with E[v vᴴ] = I integrated out
+    term2_scalar = probe_term(pair, n, q.dtype)
+    e = term1 - term2_scalar * jnp.eye(n, dtype=q.dtype)
+    bound = numerics.norm_lower_bound(term1) + term2_scalar
+  else:
+    term2 = gram(pair.b, axis, True)
+    e = term1 - term2
+    bound = numerics.norm_lower_bound(term1 + term2)
+  lip, step = lipschitz_step(lip, bound, size, q.dtype)
+  half = 0.5 * step
+  p = q - half * (e @ q)
+  p = p - half * (p @ e)
+  return 0.5 * (p + ct(p)), lip
+
+
+def _quad_low_rank_step(q: jax.Array, lip: jax.Array, pair: Pair, axis: int,
+                        size: StepSize) -> tuple[jax.Array, jax.Array]:
+  """:func:`_quad_step` through the unfoldings, for ``2 numel < n²``: ``E = Y Yᴴ − t I`` (or
+  ``− V Vᴴ`` for Newton) is never formed, so the step costs ``O(n² k)``. The step size is
+  reduced by ``sqrt(2k / n)`` as in :func:`_procrustes_low_rank_step`, for the same reason."""
+  n = q.shape[0]
+  size = size._replace(lr=size.lr * (2.0 * pair.a.size) ** 0.5 / n)
+  y = numerics.unfold(pair.a, axis)
+  v = None if pair.b is None else numerics.unfold(pair.b, axis)
+  z = y if v is None else jnp.concatenate([y, v], axis=1)
+  term2_scalar = probe_term(pair, n, q.dtype) if v is None else 0.0
+  bound = numerics.norm_lower_bound_gram(z) + term2_scalar
+  lip, step = lipschitz_step(lip, bound, size, q.dtype)
+  half = 0.5 * step
+
+  def e_left(x):  # E x
+    out = y @ (ct(y) @ x) - term2_scalar * x
+    return out if v is None else out - v @ (ct(v) @ x)
+
+  def e_right(x):  # x E
+    out = (x @ y) @ ct(y) - term2_scalar * x
+    return out if v is None else out - (x @ v) @ ct(v)
+
+  p = q - half * e_left(q)
+  p = p - half * e_right(p)
+  return 0.5 * (p + ct(p)), lip
 
 
 # ---------------------------------------------------------------------------------------------

@@ -28,7 +28,7 @@ from optax_rlx._kron_plan import StructureRule
 OWNER = "kron"
 
 Criterion = Literal["whitening", "newton"]
-GeometryName = Literal["procrustes", "triangular"]
+GeometryName = Literal["procrustes", "triangular", "quad"]
 FitTarget = Literal["momentum", "gradient"]
 MemorySaveMode = Literal["one_diag", "all_diag"]
 

@@ -34,7 +34,7 @@ def float32_range_is_scale_free() -> None:
   shapes = [(6, 4), (24, 12), (5,), (3, 4, 5), ()]
   seq = [[rng.standard_normal(s).astype(np.float32) for s in shapes] for _ in range(8)]
   entries = np.abs(np.concatenate([np.ravel(g) for grads in seq for g in grads]))
-  for geometry in ("procrustes", "triangular"):
+  for geometry in ("procrustes", "triangular", "quad"):
     tx = optax_rlx.scale_by_kron(geometry=geometry)
 
     def run(scale, tx=tx):

@@ -1,8 +1,14 @@
 """Helpers shared by the Kron tests."""
 
+import typing
 from collections.abc import Mapping
 
 import numpy as np
+
+from optax_rlx import _kron_options
+
+# Every geometry kron offers: each geometry-parametrized test runs on all of them.
+GEOMETRIES = list(typing.get_args(_kron_options.GeometryName))
 
 
 def one_unit(groups: Mapping) -> tuple:

@@ -61,7 +61,7 @@ def fit_reference(geometry, factors, lips, inputs, lr, damping=1e-9, decay=0.9):
   rms = np.sqrt(np.mean(np.abs(h) ** 2))
   damped = h + (damping * (rms if rms > 0 else 1.0) + EPS32 * np.abs(h)) * noise
   factors = [np.asarray(q, np.complex128 if np.iscomplexobj(q) else np.float64) for q in factors]
-  if geometry == "procrustes":  # A = P h̃, B = v (None: E[v vᴴ] = I integrated out)
+  if geometry in ("procrustes", "quad"):  # A = P h̃, B = v (None: E[v vᴴ] = I integrated out)
     a, b = damped, v
     for axis, q in enumerate(factors):
       a = apply(q.conj().T @ q if q.ndim == 2 else q * q, a, axis)
@@ -70,7 +70,7 @@ def fit_reference(geometry, factors, lips, inputs, lr, damping=1e-9, decay=0.9):
     for axis, q in enumerate(factors):
       a = apply(q, a, axis)
       b = apply(np.linalg.inv(q).conj().T if q.ndim == 2 else 1 / q, b, axis)
-  preconditioned = a  # P h̃ with P before the step (procrustes)
+  preconditioned = a  # P h̃ with P before the step (procrustes, quad)
   if not np.any(h != 0):  # no information: the unit is left alone
     return factors, list(lips), preconditioned
   new_factors, new_lips = [], []
@@ -78,7 +78,7 @@ def fit_reference(geometry, factors, lips, inputs, lr, damping=1e-9, decay=0.9):
     n, numel = q.shape[0], a.size
     term1 = _gram(a, axis)
     term2 = numel / n * np.eye(n) if b is None else _gram(b, axis)
-    low_rank = geometry == "procrustes" and q.ndim == 2 and 2 * numel < n * n
+    low_rank = geometry in ("procrustes", "quad") and q.ndim == 2 and 2 * numel < n * n
     if q.ndim == 1:
       term1, term2 = np.diag(term1).real, np.diag(term2).real
       bound = np.max(term1 + term2)
@@ -96,6 +96,11 @@ def fit_reference(geometry, factors, lips, inputs, lr, damping=1e-9, decay=0.9):
       q = q * (1 - step * (term1 - term2))
     elif geometry == "procrustes":
       q = _rotation(q - step * (term1 - term2) @ q)
+    elif geometry == "quad":  # (I - aE) Q (I - aE), a = step / 2, symmetrised
+      e = term1 - term2
+      p = q - step / 2 * e @ q
+      p = p - step / 2 * p @ e
+      q = (p + p.conj().T) / 2
     else:
       q = q - step * np.triu(term1 - term2) @ q
     new_factors.append(q)

@@ -37,13 +37,14 @@ def main() -> None:
 
   # "cached": refits every other step with P cached (both branches of the refit compiled).
   configs = {"procrustes": {}, "triangular": {"geometry": "triangular"},
+             "quad": {"geometry": "quad"},
              "newton": {"criterion": "newton"},
              "cached": {"precond_update_prob": 0.5, "cache_precond": True}}
   for layout, (params, structure) in layouts.items():
     shardings = jax.tree.map(lambda p: NamedSharding(mesh, P("data")), params)
     sharded = jax.device_put(params, shardings)
     for name, options in configs.items():
-      if name in ("newton", "cached") and layout != "separate":  # one layout (CI time)
+      if name in ("newton", "cached", "quad") and layout != "separate":  # one layout (CI time)
         continue
       tx = optax_rlx.kron(1e-2, key=0, **{"precond_update_prob": 1.0, **structure, **options})
       state_sh = optax_rlx.state_sharding(tx, params, shardings)

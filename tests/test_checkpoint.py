@@ -30,6 +30,7 @@ CONFIGS = {
     # Default refit schedule: the refit decisions depend on the stored accumulator and the
     # random probes on the stored key, so both must survive the round trip.
     "kron": lambda: optax_rlx.kron(1e-2, key=3, precond_update_prob=0.3),
+    "kron-quad": lambda: optax_rlx.kron(1e-2, key=3, geometry="quad", precond_update_prob=0.3),
     "kron-stacked-newton": lambda: optax_rlx.kron(
         1e-2, key=3, criterion="newton", stacked_layers={"w": False, "stack": True, "b": False}
     ),

@@ -49,6 +49,7 @@ OPTIMIZERS = [
                                "weight_decay": 1e-5}, lr=0.03),
         id="kron-triangular",
     ),
+    pytest.param(Entry(optax_rlx.kron, {"key": 3, "geometry": "quad"}, lr=0.03), id="kron-quad"),
     pytest.param(
         Entry(optax_rlx.kron, {"key": 2, "precond_dtype": "bfloat16", "b1": None,
                                "memory_save_mode": "one_diag"}, lr=0.01),

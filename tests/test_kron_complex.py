@@ -10,12 +10,10 @@ import numpy as np
 import optax
 import pytest
 from jax_compat import enable_x64
-from kron_helpers import one_unit
+from kron_helpers import GEOMETRIES, one_unit
 
 import optax_rlx
 from optax_rlx import _kron_numerics
-
-GEOMETRIES = ["procrustes", "triangular"]
 
 
 def _unitary(rng, n):
@@ -90,7 +88,7 @@ def test_complex_whitening_reaches_inverse_sqrt_covariance(rng, geometry):
   target = evecs @ np.diag(evals**-0.5) @ evecs.conj().T
   p_left, target = p_left / np.linalg.norm(p_left), target / np.linalg.norm(target)
   assert np.linalg.norm(p_left - target) < 0.15
-  if geometry == "procrustes":  # Q stays Hermitian positive definite
+  if geometry != "triangular":  # procrustes and quad: Q stays Hermitian positive definite
     assert np.linalg.norm(q_left - q_left.conj().T) <= 1e-2 * np.linalg.norm(q_left)
     assert np.linalg.eigvalsh((q_left + q_left.conj().T) / 2).min() > 0
 
@@ -120,7 +118,7 @@ def test_complex_newton_reaches_inverse_hessian(rng, geometry):
   def grad(w):
     return jnp.conj(jax.grad(loss)(w))
 
-  precond_lr = optax.linear_schedule(0.1, 0.01, 1500) if geometry == "procrustes" else 0.3
+  precond_lr = optax.linear_schedule(0.1, 0.01, 1500) if geometry != "triangular" else 0.3
   tx = optax_rlx.scale_by_kron(
       b1=None, criterion="newton", geometry=geometry, precond_update_prob=1.0,
       precond_lr=precond_lr, update_clip=None, key=4, max_skew_dense=float("inf"),

@@ -13,12 +13,10 @@ import kron_reference
 import numpy as np
 import optax
 import pytest
-from kron_helpers import one_unit
+from kron_helpers import GEOMETRIES, one_unit
 
 import optax_rlx
 from optax_rlx import _kron_numerics
-
-GEOMETRIES = ["procrustes", "triangular"]
 
 
 def _rotated(rng, n, cond):

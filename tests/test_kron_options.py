@@ -28,7 +28,7 @@ def test_signatures_list_every_option_keyword_only_with_its_default(function, ow
     parameter = parameters[name]
     assert parameter.kind == inspect.Parameter.KEYWORD_ONLY
     assert parameter.default is _kron_options.DEFAULTS[name]
-  assert parameters["geometry"].annotation == typing.Literal["procrustes", "triangular"]
+  assert parameters["geometry"].annotation == typing.Literal["procrustes", "triangular", "quad"]
   assert parameters["precond_update_prob"].default == optax_rlx.precond_update_prob_schedule()
   assert parameters["cache_precond"].default is False and parameters["b1"].default == 0.9
 
