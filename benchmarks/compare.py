@@ -450,9 +450,11 @@ def main(argv=None):
     return args.seeds or (problem.seeds if problem.seeds and not args.quick else default_seeds)
 
   def names_of(problem):
-    if problem.optimizers is not None:  # the problem's own list, in the run's order
+    own = problem.quick_optimizers if args.quick and problem.quick_optimizers else None
+    own = own or problem.optimizers
+    if own is not None:  # the problem's own list, in the run's order
       pool = names if args.optimizers else list(table)
-      return [n for n in pool if n in problem.optimizers]
+      return [n for n in pool if n in own]
     return names
 
   def lrs_of(problem):
