@@ -10,9 +10,9 @@
     timed in blocks of 34 (about one refit per block) and the median block mean is reported, so
     the refits are paid for.
 
-``geometry='triangular'`` rows are timed too: on a single CPU device Kron loops its triangular
-solves over the units (jaxlib 0.10.2's batched CPU ``trsm`` deadlocked programs with several of
-them; see ``optax_rlx._kron_geometry._triangular_solve``).
+``geometry='quad'`` and ``geometry='triangular'`` rows are timed too. On a single CPU device
+Kron loops its triangular solves over the units (jaxlib 0.10.2's batched CPU ``trsm`` deadlocked
+programs with several of them; see ``optax_rlx._kron_geometry._triangular_solve``).
 
 All timings use ``block_until_ready``; optimizers are interleaved block by block so machine noise
 hits them alike. psgd_jax is optional (``pip install psgd-jax flax``); it is skipped if absent.
@@ -136,6 +136,7 @@ def main():
       "optax_rlx.kron procrustes": optax_rlx.kron(1e-3, geometry="procrustes", key=0, **same),
       "optax.adam": optax.adam(1e-3),
   }
+  opt_a["optax_rlx.kron quad"] = optax_rlx.kron(1e-3, geometry="quad", key=0, **same)
   opt_a["optax_rlx.kron triangular"] = optax_rlx.kron(1e-3, geometry="triangular", key=0, **same)
   if psgd_kron is not None:
     opt_a["psgd_jax.kron"] = psgd_kron(1e-3, preconditioner_update_probability=1.0)
@@ -167,6 +168,9 @@ def main():
       ),
       "optax.adam": optax.adam(1e-3),
   }
+  opt_b["optax_rlx.kron (quad)"] = optax_rlx.kron(
+      1e-3, precond_update_prob=0.03, geometry="quad", key=0
+  )
   opt_b["optax_rlx.kron (triangular)"] = optax_rlx.kron(
       1e-3, precond_update_prob=0.03, geometry="triangular", key=0
   )

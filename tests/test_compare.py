@@ -45,12 +45,13 @@ def test_the_test_extra_brings_every_kron_baseline():
   assert callable(_baselines.import_distributed_kron_pro())
 
 
-def test_every_kron_port_runs_in_compare_in_both_of_its_modes(tmp_path):
-  """Each baseline trains (finite, decreasing loss) in compare.py's own loop."""
+def test_every_kron_port_runs_in_compare(tmp_path):
+  """Each baseline trains (finite, decreasing loss) in compare.py's own loop (one mode each: the
+  modes are one keyword apart; CI time)."""
   result = subprocess.run(
       [sys.executable, str(ROOT / "benchmarks" / "compare.py"), "--problems", "least_squares",
-       "--optimizers", "psgdax.kron,psgdax.kron(QUAD),distributed_kron.pro,"
-       "distributed_kron.pro(QUAD),optax.contrib.muon", "--seeds", "1", "--steps-scale", "0.1",
+       "--optimizers", "psgdax.kron(QUAD),distributed_kron.pro,optax.contrib.muon",
+       "--seeds", "1", "--steps-scale", "0.1",
        "--out", str(tmp_path)],
       capture_output=True, text=True, timeout=600,
   )
@@ -58,4 +59,4 @@ def test_every_kron_port_runs_in_compare_in_both_of_its_modes(tmp_path):
   results = json.loads((tmp_path / "compare.json").read_text())["problems"]["least_squares"]
   for r in results["results"]:
     assert math.isfinite(r["final_loss"]) and r["final_loss"] < 0.5, r["optimizer"]
-  assert len(results["results"]) == 5
+  assert len(results["results"]) == 3
