@@ -261,20 +261,26 @@ def _low_rank(n: int, numel: int) -> bool:
   return 2 * numel < n * n
 
 
-def _procrustes_step(q: jax.Array, lip: jax.Array, pair: Pair, axis: int,
-                     size: StepSize) -> tuple[jax.Array, jax.Array]:
-  """``Q ← R(Q − (μ/L)(term1 − term2) Q)``, ``R`` a rotation keeping ``Q`` Hermitian PD."""
+def _gram_terms(q: jax.Array, pair: Pair, axis: int) -> tuple[jax.Array, jax.Array]:
+  """``(term1 − term2, ℓ)`` of a dense ``(n, n)`` factor along ``axis``: the Gram terms of the
+  pair (``term2 = (numel / n) E[|v|²] I`` where ``B`` is integrated out) and ``ℓ``, a lower
+  bound of ``‖term1 + term2‖``; every full-rank dense step starts from them."""
   n = q.shape[0]
   term1 = gram(pair.a, axis, True)
   if pair.b is None:  # whitening with E[v vᴴ] = I integrated out
     term2_scalar = probe_term(pair, n, q.dtype)
     term2 = term2_scalar * jnp.eye(n, dtype=q.dtype)
-    bound = numerics.norm_lower_bound(term1) + term2_scalar
-  else:
-    term2 = gram(pair.b, axis, True)
-    bound = numerics.norm_lower_bound(term1 + term2)
+    return term1 - term2, numerics.norm_lower_bound(term1) + term2_scalar
+  term2 = gram(pair.b, axis, True)
+  return term1 - term2, numerics.norm_lower_bound(term1 + term2)
+
+
+def _procrustes_step(q: jax.Array, lip: jax.Array, pair: Pair, axis: int,
+                     size: StepSize) -> tuple[jax.Array, jax.Array]:
+  """``Q ← R(Q − (μ/L)(term1 − term2) Q)``, ``R`` a rotation keeping ``Q`` Hermitian PD."""
+  e, bound = _gram_terms(q, pair, axis)
   lip, step = lipschitz_step(lip, bound, size, q.dtype)
-  return procrustes_rotation(q - step * ((term1 - term2) @ q)), lip
+  return procrustes_rotation(q - step * (e @ q)), lip
 
 
 def _procrustes_low_rank_step(q: jax.Array, lip: jax.Array, pair: Pair, axis: int,
@@ -392,16 +398,7 @@ def _rotation_step(tr_rq: jax.Array, tr_rrq: jax.Array) -> jax.Array:
 def _quad_step(q: jax.Array, lip: jax.Array, pair: Pair, axis: int,
                size: StepSize) -> tuple[jax.Array, jax.Array]:
   """``Q ← sym((I − aE) Q (I − aE))``, ``E = term1 − term2``, ``a = μ / (2L)``."""
-  n = q.shape[0]
-  term1 = gram(pair.a, axis, True)
-  if pair.b is None:  # whitening with E[v vᴴ] = I integrated out
-    term2_scalar = probe_term(pair, n, q.dtype)
-    e = term1 - term2_scalar * jnp.eye(n, dtype=q.dtype)
-    bound = numerics.norm_lower_bound(term1) + term2_scalar
-  else:
-    term2 = gram(pair.b, axis, True)
-    e = term1 - term2
-    bound = numerics.norm_lower_bound(term1 + term2)
+  e, bound = _gram_terms(q, pair, axis)
   lip, step = lipschitz_step(lip, bound, size, q.dtype)
   half = 0.5 * step
   p = q - half * (e @ q)
@@ -446,11 +443,9 @@ def _triangular_step(q: jax.Array, lip: jax.Array, pair: Pair, axis: int,
                      size: StepSize) -> tuple[jax.Array, jax.Array]:
   """``Q ← Q − (μ/L) triu(term1 − term2) Q`` on the group of upper-triangular matrices."""
   assert pair.b is not None  # the triangular pair always has B = Q⁻ᴴ v
-  term1 = gram(pair.a, axis, True)
-  term2 = gram(pair.b, axis, True)
-  bound = numerics.norm_lower_bound(term1 + term2)
+  e, bound = _gram_terms(q, pair, axis)
   lip, step = lipschitz_step(lip, bound, size, q.dtype)
-  return q - step * upper_matmul(jnp.triu(term1 - term2), q), lip
+  return q - step * upper_matmul(jnp.triu(e), q), lip
 
 
 def upper_matmul(a: jax.Array, b: jax.Array, min_block: int = 512) -> jax.Array:
