@@ -283,6 +283,23 @@ def _procrustes_step(q: jax.Array, lip: jax.Array, pair: Pair, axis: int,
   return procrustes_rotation(q - step * (e @ q)), lip
 
 
+def _low_rank_terms(q: jax.Array, lip: jax.Array, pair: Pair, axis: int, size: StepSize
+                    ) -> tuple[jax.Array, jax.Array | None, Any, jax.Array, jax.Array]:
+  """What every low-rank dense step (``2 numel < n²``) starts from: the unfoldings ``Y`` of
+  ``a`` and ``V`` of ``b`` (None where ``B`` is integrated out), the scalar ``term2`` (0 with
+  ``V``), and the new ``(L, step)`` from the bound of ``‖Y Yᴴ + V Vᴴ‖`` (+ ``term2``), with the
+  step size reduced by ``sqrt(2k / n)`` (see :func:`_procrustes_low_rank_step`)."""
+  n = q.shape[0]
+  size = size._replace(lr=size.lr * (2.0 * pair.a.size) ** 0.5 / n)
+  y = numerics.unfold(pair.a, axis)
+  v = None if pair.b is None else numerics.unfold(pair.b, axis)
+  z = y if v is None else jnp.concatenate([y, v], axis=1)
+  term2_scalar = probe_term(pair, n, q.dtype) if v is None else 0.0
+  bound = numerics.norm_lower_bound_gram(z) + term2_scalar
+  lip, step = lipschitz_step(lip, bound, size, q.dtype)
+  return y, v, term2_scalar, lip, step
+
+
 def _procrustes_low_rank_step(q: jax.Array, lip: jax.Array, pair: Pair, axis: int,
                               size: StepSize) -> tuple[jax.Array, jax.Array]:
   """:func:`_procrustes_step` through the unfoldings, for ``2 numel < n²``.
@@ -299,19 +316,13 @@ def _procrustes_low_rank_step(q: jax.Array, lip: jax.Array, pair: Pair, axis: in
   reach < 1e-13, and full-rank factors are unaffected.
   """
   n = q.shape[0]
-  size = size._replace(lr=size.lr * (2.0 * pair.a.size) ** 0.5 / n)
-  y = numerics.unfold(pair.a, axis)
-  z = y if pair.b is None else jnp.concatenate([y, numerics.unfold(pair.b, axis)], axis=1)
-  term2_scalar = probe_term(pair, n, q.dtype) if pair.b is None else 0.0
-  bound = numerics.norm_lower_bound_gram(z) + term2_scalar
-  lip, step = lipschitz_step(lip, bound, size, q.dtype)
+  y, v_unf, term2_scalar, lip, step = _low_rank_terms(q, lip, pair, axis, size)
   # q ← q - step (Y Yᴴ q - V Vᴴ q): its new asymmetry qᴴ - q is (up to scale and the small
   # residual left by earlier rotations) Y W_yᴴ - W_y Yᴴ - V W_vᴴ + W_v Vᴴ with W = qᴴ Y, qᴴ V.
   w_y = ct(q) @ y
   diff_q = y @ ct(w_y) - term2_scalar * q
   lefts, rights = [y, w_y], [w_y, -y]
-  if pair.b is not None:
-    v_unf = numerics.unfold(pair.b, axis)
+  if v_unf is not None:
     w_v = ct(q) @ v_unf
     diff_q = diff_q - v_unf @ ct(w_v)
     lefts, rights = [*lefts, v_unf, w_v], [*rights, -w_v, v_unf]
@@ -411,14 +422,7 @@ def _quad_low_rank_step(q: jax.Array, lip: jax.Array, pair: Pair, axis: int,
   """:func:`_quad_step` through the unfoldings, for ``2 numel < n²``: ``E = Y Yᴴ − t I`` (or
   ``− V Vᴴ`` for Newton) is never formed, so the step costs ``O(n² k)``. The step size is
   reduced by ``sqrt(2k / n)`` as in :func:`_procrustes_low_rank_step`, for the same reason."""
-  n = q.shape[0]
-  size = size._replace(lr=size.lr * (2.0 * pair.a.size) ** 0.5 / n)
-  y = numerics.unfold(pair.a, axis)
-  v = None if pair.b is None else numerics.unfold(pair.b, axis)
-  z = y if v is None else jnp.concatenate([y, v], axis=1)
-  term2_scalar = probe_term(pair, n, q.dtype) if v is None else 0.0
-  bound = numerics.norm_lower_bound_gram(z) + term2_scalar
-  lip, step = lipschitz_step(lip, bound, size, q.dtype)
+  y, v, term2_scalar, lip, step = _low_rank_terms(q, lip, pair, axis, size)
   half = 0.5 * step
 
   def e_left(x):  # E x
