@@ -54,22 +54,23 @@ def main() -> None:
         assert all(s.spec[0] == "data" for s in group), (layout, state_sh[0].Qs)
       update = lambda g, s, p, tx=tx: tx.update(g, s, p, obj_fn=loss)  # noqa: E731
       plain_step = jax.jit(update)  # one device, no mesh
-      grads_plain = jax.grad(loss)(params)
-      unsharded = plain_step.lower(grads_plain, tx.init(params), params).compile()
-      plain = tx.init(params)
+      grads_plain = jax.jit(jax.grad(loss))(params)
+      # Each step is compiled once, and the executable both inspected and run.
+      unsharded = plain_step.lower(grads_plain, jax.jit(tx.init)(params), params).compile()
+      plain = jax.jit(tx.init)(params)
       u_plain = []
       for _ in range(3):
-        u, plain = plain_step(jax.grad(loss)(params), plain, params)
+        u, plain = unsharded(jax.jit(jax.grad(loss))(params), plain, params)
         u_plain.append(u)
       with jax.set_mesh(mesh):  # as users run it; the layout comes from the shardings
         state = jax.jit(tx.init, out_shardings=state_sh)(sharded)
         step = jax.jit(update, in_shardings=(shardings, state_sh, shardings),
                        out_shardings=(shardings, state_sh))
-        grads = jax.jit(jax.grad(loss))(sharded)
-        compiled = step.lower(grads, state, sharded).compile()
+        grad_fn = jax.jit(jax.grad(loss))
+        compiled = step.lower(grad_fn(sharded), state, sharded).compile()
         u_dist = []
         for _ in range(3):
-          u, state = step(jax.jit(jax.grad(loss))(sharded), state, sharded)
+          u, state = compiled(grad_fn(sharded), state, sharded)
           u_dist.append(u)
       # No whole factor group is gathered onto every device.
       group_shapes = {tuple(q.shape) for q in jax.tree.leaves((state[0].Qs, state[0].Ps))

@@ -47,9 +47,9 @@ def main(axis_type: str) -> None:
   }
   for name, tx in configs.items():
     step = jax.jit(lambda g, s, p, tx=tx: tx.update(g, s, p, obj_fn=loss))
-    plain, dist = tx.init(params), jax.jit(tx.init)(sharded)
+    plain, dist = jax.jit(tx.init)(params), jax.jit(tx.init)(sharded)
     for _ in range(3):
-      u_plain, plain = step(jax.grad(loss)(params), plain, params)
+      u_plain, plain = step(jax.jit(jax.grad(loss))(params), plain, params)
       u_dist, dist = step(jax.jit(jax.grad(loss))(sharded), dist, sharded)
       for a, b in zip(jax.tree.leaves(u_plain), jax.tree.leaves(u_dist), strict=True):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-4, atol=1e-6,

@@ -106,24 +106,24 @@ def main(axis_type: str) -> None:
     step = jax.jit(lambda g, s, p, tx=tx: tx.update(g, s, p),
                    in_shardings=(shardings, state_sh, shardings),
                    out_shardings=(shardings, state_sh))
-    grads = jax.jit(jax.grad(loss))(sharded)
+    grad_fn = jax.jit(jax.grad(loss))
+    grads = grad_fn(sharded)
     # No full parameter is all-gathered (Adafactor gathers nothing at all). Not checked for
     # kron-dense: there a dense factor is larger than its param (n² > numel), and gathering
     # the param along the sharded axis moves fewer bytes than the (n, n) statistics, which
     # XLA may rightly prefer.
-    gathered = re.findall(r"= \w+\[([\d,]*)\]\S* all-gather\(",
-                          step.lower(grads, state, sharded).compile().as_text())
+    compiled = step.lower(grads, state, sharded).compile()  # inspected here, run below
+    gathered = re.findall(r"= \w+\[([\d,]*)\]\S* all-gather\(", compiled.as_text())
     shapes = [tuple(sorted(int(d) for d in g.split(",") if d)) for g in gathered]
     if name == "adafactor":
       assert not shapes, shapes
     for key, p in params.items():
       if p.ndim >= 2 and name != "kron-dense":
         assert tuple(sorted(p.shape)) not in shapes, (name, key, shapes)
-    plain = tx.init(params)
+    plain, plain_step = jax.jit(tx.init)(params), jax.jit(tx.update)
     for _ in range(3):
-      u_plain, plain = jax.jit(tx.update)(jax.grad(loss)(params), plain, params)
-      grads = jax.jit(jax.grad(loss))(sharded)
-      u_dist, state = step(grads, state, sharded)
+      u_plain, plain = plain_step(jax.jit(jax.grad(loss))(params), plain, params)
+      u_dist, state = compiled(grad_fn(sharded), state, sharded)
       for a, b in zip(jax.tree.leaves(u_plain), jax.tree.leaves(u_dist), strict=True):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-4, atol=1e-6,
                                    err_msg=name)
@@ -157,9 +157,9 @@ def main(axis_type: str) -> None:
       state = jax.jit(tx.init, out_shardings=state_sh)(sharded8)
       step = jax.jit(lambda g, s, p, tx=tx: tx.update(g, s, p),
                      in_shardings=(sh8, state_sh, sh8), out_shardings=(sh8, state_sh))
-      plain = tx.init(local)
+      plain = jax.jit(tx.init)(local)
       for _ in range(2):
-        u_plain, plain = jax.jit(tx.update)(jax.grad(loss)(local), plain, local)
+        u_plain, plain = jax.jit(tx.update)(jax.jit(jax.grad(loss))(local), plain, local)
         u_dist, state = step(jax.jit(jax.grad(loss))(sharded8), state, sharded8)
         for a, b in zip(jax.tree.leaves(u_plain), jax.tree.leaves(u_dist), strict=True):
           np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-4, atol=1e-6,
