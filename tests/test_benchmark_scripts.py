@@ -1,9 +1,17 @@
-"""The accelerator check and the compile-time benchmark stay runnable in their CPU forms."""
+"""The accelerator check and the compile-time benchmark stay runnable in their CPU forms; the
+refit-schedule and lr-transfer studies count and read what they report correctly."""
 
+import json
 import pathlib
 import re
 import subprocess
 import sys
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+import optax_rlx
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 OPTIMIZERS = ["optax.adam", "optax.adamw", "optax.contrib.muon", "optax_rlx.kron",
@@ -38,3 +46,46 @@ def test_kron_compile_quick_reports_every_optimizer_against_adam():
     assert re.search(rf"^\| {re.escape(name)} \| [\d.]+ \| [\d.]+ \| [\d.]+ \| [\d.]+x \| \d+ \|$",
                      stdout, flags=re.M), (name, stdout)
   assert "| optax.adam | " in stdout and " 1.0x |" in stdout
+
+
+def _import_benchmark(name):
+  sys.path.insert(0, str(ROOT / "benchmarks"))
+  try:
+    return __import__(name)
+  finally:
+    sys.path.remove(str(ROOT / "benchmarks"))
+
+
+@pytest.mark.parametrize("prob", [
+    optax_rlx.precond_update_prob_schedule(min_prob=0.1, decay=0.05, flat_start=5), 0.3, 1.0])
+def test_refit_schedule_counts_the_refits_kron_takes(prob):
+  """kron_defaults.py prices a run by the refits it counts from the schedule: the count must
+  be the steps at which kron's factors actually change."""
+  kron_defaults = _import_benchmark("kron_defaults")
+  steps = 40
+  tx = optax_rlx.scale_by_kron(key=0, precond_update_prob=prob)
+  params = jnp.zeros((4, 3))
+  state, update = tx.init(params), jax.jit(tx.update)
+  changed = 0
+  for t in range(steps):
+    grads = jnp.sin(jnp.arange(12.0).reshape(4, 3) + t)  # never zero: every refit moves Q
+    _, new = update(grads, state, params)
+    changed += any(bool(jnp.any(a != b)) for a, b in zip(
+        jax.tree.leaves(new.Qs), jax.tree.leaves(state.Qs), strict=True))
+    state = new
+  counts = kron_defaults.refits_before(prob, steps)
+  assert counts[steps] == changed and 0 < changed <= steps
+  assert (prob != 1.0) == (changed < steps)
+
+
+def test_lr_transfer_reads_compare_grids(tmp_path):
+  """lr_transfer.py's table of kron's loss at AdamW's best lr, a third and a tenth of it."""
+  lr_transfer = _import_benchmark("lr_transfer")
+  result = lambda name, best, grid: {"optimizer": name, "best_lr": best, "grid": grid}  # noqa: E731
+  run = {"mode": "full", "machine": "test", "problems": {"p": {"results": [
+      result("optax.adamw", 0.1, {"0.03": 2.0, "0.1": 1.0}),
+      result("optax_rlx.kron", 0.01, {"0.01": 0.25, "0.03": 0.5, "0.1": 0.75})]}}}
+  path = tmp_path / "compare.json"
+  path.write_text(json.dumps(run))
+  table = lr_transfer.grid_table(str(path))
+  assert "| p | 0.1 | 1 | 0.75 | 0.5 | 0.25 | 0.25 (0.01) |" in table, table
