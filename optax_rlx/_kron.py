@@ -106,7 +106,7 @@ def scale_by_kron(**options: Unpack[KronOptions]) -> optax.GradientTransformatio
     nesterov: use Nesterov momentum.
     precond_lr: :math:`\mu`, float or schedule of the step count.
     precond_update_prob: probability of refitting :math:`Q` per step, float in (0, 1] or a
-      schedule; the default :func:`precond_update_prob_schedule` is 1 for 500 steps, then
+      schedule; the default :func:`precond_update_prob_schedule` is 1 for 200 steps, then
       decays to 0.03.
     precond_init_scale: initial :math:`Q = s I`; None sets :math:`s` from the first fitting pair
       (``(mean h⁴ / mean v⁴)^(-1/8)`` per leaf, computed without overflow for any finite

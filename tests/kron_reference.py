@@ -119,7 +119,7 @@ def precondition(factors, x):
 
 class DefaultKron:
   """``scale_by_kron()`` with every default, for unbatched leaves without low-rank factors:
-  momentum 0.9 (debiased), a refit every step (the first 500 steps of the default schedule),
+  momentum 0.9 (debiased), a refit every step (the first 200 steps of the default schedule),
   procrustes whitening on the momentum, the initial scale from the first step's momentum, the
   update ``P m̂`` with ``P`` before the step's fit, clipped to RMS 1.1. The damping (1e-9 of the
   target's RMS) lies below float32 round-off and is left out."""

@@ -474,7 +474,7 @@ def test_refit_schedule_is_deterministic_from_the_step_count():
     refits += int(not np.array_equal(before, one_unit(state.Ls)[0]))
   assert refits == 26  # step 0 always refits, then every 4th step: 3, 7, ..., 99
   default = optax_rlx.precond_update_prob_schedule()
-  assert float(default(0)) == 1.0 and float(default(499)) == 1.0
+  assert float(default(0)) == 1.0 and float(default(199)) == 1.0 and float(default(300)) < 0.91
   assert abs(float(default(20_000)) - 0.03) < 1e-7
 
 

@@ -30,7 +30,7 @@ def _objective(params):
 ], ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()) or "defaults")
 def test_every_refit_step_updates_with_p_before_the_fit(rng, options):
   """``clip(P m̂)`` with ``P`` of the factors the step starts from, on refit steps (every step
-  with the default schedule's first 500) and the others, in float64 NumPy, on a non-square
+  with the default schedule's first 200) and the others, in float64 NumPy, on a non-square
   matrix, a vector and a rank-1 matrix; from step 2 on (step 1 also sets the initial scale). The
   factors move at every refit, so ``P`` after the fit would miss by far more than the
   tolerance."""
