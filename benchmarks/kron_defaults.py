@@ -26,6 +26,7 @@ Usage: ``python benchmarks/kron_defaults.py [--study refit|fit] [--problems a,b]
 """
 
 import argparse
+import dataclasses
 import math
 import os
 import platform
@@ -48,15 +49,16 @@ SCHEDULE = optax_rlx.precond_update_prob_schedule
 # Per study: candidate name -> kron options (everything else at kron's defaults).
 STUDIES = {
     "refit": {  # precond_update_prob
-        "default (flat 500, decay 1e-3)": {},
-        "flat 200, decay 1e-3": {"precond_update_prob": SCHEDULE(flat_start=200)},
+        "psgd_jax's (flat 500, decay 1e-3; the default until 2026-12-05)": {
+            "precond_update_prob": SCHEDULE(flat_start=500)},
+        "default (flat 200, decay 1e-3)": {},
         "flat 100, decay 3e-3": {"precond_update_prob": SCHEDULE(decay=3e-3, flat_start=100)},
         "flat 0, decay 1e-2": {"precond_update_prob": SCHEDULE(decay=1e-2, flat_start=0)},
         "ceiling 0.5, flat 500": {"precond_update_prob": SCHEDULE(max_prob=0.5)},
         "every step": {"precond_update_prob": 1.0},
     },
     "fit": {  # what the preconditioner fits, its step size, its geometry
-        "default (momentum, precond_lr 0.1, procrustes)": {},
+        "default (momentum, precond_lr 0.1, procrustes, flat 200)": {},
         "precond_fit_on='gradient'": {"precond_fit_on": "gradient"},
         "precond_lr 0.5 -> 0.1 over 500 steps": {
             "precond_lr": optax.linear_schedule(0.5, 0.1, 500)},
@@ -200,7 +202,7 @@ def main(argv=None):
     steps = problem.quick_steps if args.quick else problem.steps
     lrs = problem.quick_lrs or problem.lrs  # the LM: (3e-3, 1e-2), its time is the run's
     seeds = 1 if args.quick else min(args.seeds, problem.seeds or args.seeds)
-    problem = problem.__class__(**{**problem.__dict__, "lrs": lrs})
+    problem = dataclasses.replace(problem, lrs=lrs)
     head, rows = study(problem, STUDIES[args.study], steps, seeds,
                        reps=1 if args.quick else args.reps)
     out.append(markdown(head, rows, rows[0][4]))
