@@ -157,9 +157,20 @@ def _smoothed(losses: np.ndarray, window: int) -> np.ndarray:
   return np.convolve(losses, np.ones(window) / window, mode="valid")
 
 
+def _steps_to_level(losses: np.ndarray, smooth: int, level: float) -> float:
+  """The first step where the running mean (window ``smooth``) is at or below ``level``."""
+  hit = np.nonzero(_smoothed(losses, smooth) <= level)[0]
+  return float(hit[0] + smooth) if len(hit) else math.inf
+
+
 def _steps_to_target(losses: np.ndarray, problem: Problem) -> float:
-  hit = np.nonzero(_smoothed(losses, problem.smooth) <= problem.target)[0]
-  return float(hit[0] + problem.smooth) if len(hit) else math.inf
+  return _steps_to_level(losses, problem.smooth, problem.target)
+
+
+def _final_loss(losses: np.ndarray, smooth: int) -> float:
+  """The mean of the last ``smooth`` losses (inf if any is not finite)."""
+  tail = losses[-smooth:]
+  return float(np.mean(tail)) if np.all(np.isfinite(tail)) else math.inf
 
 
 @dataclasses.dataclass
@@ -199,8 +210,7 @@ def _run_pair(problem, name, make_tx, steps, seeds, progress) -> Result:
     per_lr[lr] = runs
 
   def final(losses):
-    tail = losses[-problem.smooth:]
-    return float(np.mean(tail)) if np.all(np.isfinite(tail)) else math.inf
+    return _final_loss(losses, problem.smooth)
 
   def final_metric(run):
     return run[1] if math.isfinite(run[1]) else math.inf

@@ -38,7 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from _problems import ALL as ALL_PROBLEMS
-from compare import _make_train, _optimizers, _smoothed
+from compare import _final_loss, _make_train, _optimizers, _steps_to_level
 
 import optax_rlx
 
@@ -93,14 +93,15 @@ def _runs(problem, make_tx, steps, seeds):
           for lr in problem.lrs}
 
 
-def _final(losses, smooth):
-  tail = losses[-smooth:]
-  return float(np.mean(tail)) if np.all(np.isfinite(tail)) else math.inf
-
-
 def _first_at(losses, smooth, level):
-  hit = np.nonzero(_smoothed(losses, smooth) <= level)[0]
-  return int(hit[0] + smooth) if len(hit) else None
+  """``compare.py``'s steps to ``level`` as an int, None where it is never reached."""
+  step = _steps_to_level(losses, smooth, level)
+  return int(step) if math.isfinite(step) else None
+
+
+def _timing_key(options):
+  """Options but the refit schedule: candidates that differ only there share their ms/step."""
+  return repr(sorted((k, v) for k, v in options.items() if k != "precond_update_prob"))
 
 
 def _ms_per_step(problems_tx, steps, reps):
@@ -126,14 +127,15 @@ def study(problem, candidates, steps, seeds, reps):
   pairs = {}
   for options in candidates.values():
     fixed = {k: v for k, v in options.items() if k != "precond_update_prob"}
-    pairs.setdefault(repr(sorted(fixed.items())), fixed)
+    pairs.setdefault(_timing_key(options), fixed)
   timed = [(problem, _kron({**fixed, "precond_update_prob": p}))
            for fixed in pairs.values() for p in (1.0, NEVER)]
   times = _ms_per_step([*timed, (problem, adamw)], timing_steps, reps)
   t_adamw = times[-1]
   ms = {key: (times[2 * i], times[2 * i + 1]) for i, key in enumerate(pairs)}
   per_lr = _runs(problem, adamw, steps, seeds)
-  finals = {lr: statistics.median(_final(x, problem.smooth) for x in r) for lr, r in per_lr.items()}
+  finals = {lr: statistics.median(_final_loss(x, problem.smooth) for x in r)
+            for lr, r in per_lr.items()}
   best = min(finals, key=lambda lr: (finals[lr], lr))
   target = finals[best]
   # A seed that ends above the median final loss reaches the target at its last step, as far as
@@ -146,8 +148,7 @@ def study(problem, candidates, steps, seeds, reps):
   rows = [("optax.adamw", best, adamw_steps, 0, adamw_steps * t_adamw / 1e3, target, target,
            (t_adamw, t_adamw))]
   for name, options in candidates.items():
-    fixed = {k: v for k, v in options.items() if k != "precond_update_prob"}
-    t_refit, t_keep = ms[repr(sorted(fixed.items()))]
+    t_refit, t_keep = ms[_timing_key(options)]
     refits = refits_before(options.get("precond_update_prob", SCHEDULE()), steps)
     per_lr = _runs(problem, _kron(options), steps, seeds)
     summary = {}
@@ -158,7 +159,7 @@ def study(problem, candidates, steps, seeds, reps):
               for f in firsts]
       steps_hit = [math.inf if f is None else f for f in firsts]
       n_refits = [refits[f] if f is not None else math.inf for f in firsts]
-      final = statistics.median(_final(x, problem.smooth) for x in runs)
+      final = statistics.median(_final_loss(x, problem.smooth) for x in runs)
       summary[lr] = (-reached, statistics.median(secs), statistics.median(steps_hit),
                      statistics.median(n_refits), final)
     lr = min(summary, key=lambda k: (summary[k][0], summary[k][1], summary[k][4], k))

@@ -26,9 +26,10 @@ import statistics
 import time
 
 import jax
+import numpy as np
 import optax
 from _problems import stdlib_lm
-from compare import _make_train
+from compare import _final_loss, _make_train
 
 import optax_rlx
 
@@ -86,7 +87,7 @@ def decay_check(seeds: int, adamw_lr: float = 3e-3, adamw_wd: float = 0.1) -> st
     train = _make_train(problem, make, problem.steps)
     runs = [jax.block_until_ready(train(lr, seed)) for seed in range(seeds)]
     metric = statistics.median(float(r[1]) for r in runs)
-    loss = statistics.median(float(r[0][-problem.smooth:].mean()) for r in runs)
+    loss = statistics.median(_final_loss(np.asarray(r[0]), problem.smooth) for r in runs)
     lines.append(f"| {name} | {metric:.3f} | {loss:.3f} |")
     print(lines[-1], flush=True)
   return "\n".join(lines)

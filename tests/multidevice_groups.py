@@ -54,13 +54,12 @@ def main() -> None:
         assert all(s.spec[0] == "data" for s in group), (layout, state_sh[0].Qs)
       update = lambda g, s, p, tx=tx: tx.update(g, s, p, obj_fn=loss)  # noqa: E731
       plain_step = jax.jit(update)  # one device, no mesh
-      grads_plain = jax.jit(jax.grad(loss))(params)
+      plain_grad, plain = jax.jit(jax.grad(loss)), jax.jit(tx.init)(params)
       # Each step is compiled once, and the executable both inspected and run.
-      unsharded = plain_step.lower(grads_plain, jax.jit(tx.init)(params), params).compile()
-      plain = jax.jit(tx.init)(params)
+      unsharded = plain_step.lower(plain_grad(params), plain, params).compile()
       u_plain = []
       for _ in range(3):
-        u, plain = unsharded(jax.jit(jax.grad(loss))(params), plain, params)
+        u, plain = unsharded(plain_grad(params), plain, params)
         u_plain.append(u)
       with jax.set_mesh(mesh):  # as users run it; the layout comes from the shardings
         state = jax.jit(tx.init, out_shardings=state_sh)(sharded)

@@ -47,10 +47,11 @@ def main(axis_type: str) -> None:
   }
   for name, tx in configs.items():
     step = jax.jit(lambda g, s, p, tx=tx: tx.update(g, s, p, obj_fn=loss))
-    plain, dist = jax.jit(tx.init)(params), jax.jit(tx.init)(sharded)
+    init, grad = jax.jit(tx.init), jax.jit(jax.grad(loss))
+    plain, dist = init(params), init(sharded)
     for _ in range(3):
-      u_plain, plain = step(jax.jit(jax.grad(loss))(params), plain, params)
-      u_dist, dist = step(jax.jit(jax.grad(loss))(sharded), dist, sharded)
+      u_plain, plain = step(grad(params), plain, params)
+      u_dist, dist = step(grad(sharded), dist, sharded)
       for a, b in zip(jax.tree.leaves(u_plain), jax.tree.leaves(u_dist), strict=True):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-4, atol=1e-6,
                                    err_msg=name)

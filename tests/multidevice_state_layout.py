@@ -122,7 +122,7 @@ def main(axis_type: str) -> None:
         assert tuple(sorted(p.shape)) not in shapes, (name, key, shapes)
     plain, plain_step = jax.jit(tx.init)(params), jax.jit(tx.update)
     for _ in range(3):
-      u_plain, plain = plain_step(jax.jit(jax.grad(loss))(params), plain, params)
+      u_plain, plain = plain_step(grad_fn(params), plain, params)
       u_dist, state = compiled(grad_fn(sharded), state, sharded)
       for a, b in zip(jax.tree.leaves(u_plain), jax.tree.leaves(u_dist), strict=True):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-4, atol=1e-6,
@@ -157,10 +157,11 @@ def main(axis_type: str) -> None:
       state = jax.jit(tx.init, out_shardings=state_sh)(sharded8)
       step = jax.jit(lambda g, s, p, tx=tx: tx.update(g, s, p),
                      in_shardings=(sh8, state_sh, sh8), out_shardings=(sh8, state_sh))
-      plain = jax.jit(tx.init)(local)
+      plain, plain_step = jax.jit(tx.init)(local), jax.jit(tx.update)
+      grad_fn = jax.jit(jax.grad(loss))
       for _ in range(2):
-        u_plain, plain = jax.jit(tx.update)(jax.jit(jax.grad(loss))(local), plain, local)
-        u_dist, state = step(jax.jit(jax.grad(loss))(sharded8), state, sharded8)
+        u_plain, plain = plain_step(grad_fn(local), plain, local)
+        u_dist, state = step(grad_fn(sharded8), state, sharded8)
         for a, b in zip(jax.tree.leaves(u_plain), jax.tree.leaves(u_dist), strict=True):
           np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-4, atol=1e-6,
                                      err_msg=name + " (8,)")
