@@ -122,10 +122,10 @@ class Geometry(abc.ABC):
   dense_kind: str
 
   @abc.abstractmethod
-  def damping_noise(self, keys: jax.Array, shapes: list[tuple[int, ...]],
+  def damping_noise(self, key: jax.Array, shapes: list[tuple[int, ...]],
                     dtypes: list[Any]) -> list[jax.Array]:
     """Zero-mean noise with ``E[n nᴴ] = I`` of each ``shapes[i]`` in ``dtypes[i]``, from
-    ``keys`` (one per shape)."""
+    ``key``."""
 
   @abc.abstractmethod
   def fitting_pair(self, unit: UnitFactors, damped: jax.Array, inputs: FitInputs,
@@ -164,11 +164,11 @@ class Procrustes(Geometry):
   reads_cached_p = True
   dense_kind = ""
 
-  def damping_noise(self, keys: jax.Array, shapes: list[tuple[int, ...]],
+  def damping_noise(self, key: jax.Array, shapes: list[tuple[int, ...]],
                     dtypes: list[Any]) -> list[jax.Array]:
-    # One draw for every leaf, from the first key: on the CPU each draw is a loop of its own.
+    # One draw for every shape: on the CPU each draw is a loop of its own.
     counts = [numerics.sign_words(s, d) for s, d in zip(shapes, dtypes, strict=True)]
-    words = jax.random.bits(keys[0], (max(sum(counts), 1),), jnp.uint32)
+    words = jax.random.bits(key, (max(sum(counts), 1),), jnp.uint32)
     noise, start = [], 0
     for count, shape, dtype in zip(counts, shapes, dtypes, strict=True):
       noise.append(numerics.signs_from_words(words[start:start + count], shape, dtype))
@@ -204,8 +204,9 @@ class Triangular(Geometry):
   reads_cached_p = False
   dense_kind = "triangular"
 
-  def damping_noise(self, keys: jax.Array, shapes: list[tuple[int, ...]],
+  def damping_noise(self, key: jax.Array, shapes: list[tuple[int, ...]],
                     dtypes: list[Any]) -> list[jax.Array]:
+    keys = jax.random.split(key, len(shapes))
     return [jax.random.normal(k, s, d) for k, s, d in zip(keys, shapes, dtypes, strict=True)]
 
   def fitting_pair(self, unit: UnitFactors, damped: jax.Array, inputs: FitInputs,

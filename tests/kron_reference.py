@@ -21,12 +21,12 @@ def _gram(x, axis):
 
 
 def _norm_bound(a):
-  """Two power iterations from the row of largest norm (the implementation's lower bound)."""
+  """Two power iterations from the column of largest norm (the implementation's lower bound)."""
   scale = np.abs(a).max()
   if scale == 0:
     return 0.0
   a = a / scale
-  x = a[np.argmax(np.sum(np.abs(a) ** 2, axis=1))]
+  x = a[:, np.argmax(np.sum(np.abs(a) ** 2, axis=0))]
   for _ in range(2):
     x = a @ (x / np.linalg.norm(x))
   return scale * np.linalg.norm(a @ (x / np.linalg.norm(x)))

@@ -172,7 +172,11 @@ def _assert_trees_equal(a, b, exact=True):
     if exact:
       np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
     else:
-      np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-6, atol=1e-7)
+      # A few float32 ulps of the leaf's largest entry: two compilations of the same math (a
+      # traced and a constant learning rate) may round differently, and entries small next to
+      # the leaf's scale inherit round-off at that scale through the shared factors.
+      y = np.asarray(y)
+      np.testing.assert_allclose(np.asarray(x), y, rtol=1e-6, atol=1e-6 * np.abs(y).max())
 
 
 @pytest.mark.parametrize("entry", OPTIMIZERS)

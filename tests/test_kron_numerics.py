@@ -39,6 +39,19 @@ def test_norm_lower_bounds_are_tight_lower_bounds(rng):
   assert float(_kron_numerics.norm_lower_bound(jnp.zeros((5, 5)))) == 0.0
 
 
+@pytest.mark.parametrize("scale", [1e-30, 1.0, 1e30])
+def test_norm_lower_bound_of_a_complex_rank_one_matrix(scale):
+  # a = v vᴴ with Σ v_k² = 0: a maps the conjugate of its own columns (its rows) to zero, so
+  # power iterations started from a row (until 2026-12-05) bounded ‖a‖ = ‖v‖² by 0.
+  v = np.array([1.0, 1j, 0.5, 0.5j]) * np.sqrt(scale)
+  a = np.outer(v, v.conj())
+  true = np.linalg.norm(a, 2)
+  dense = _kron_numerics.norm_lower_bound(jnp.asarray(a, jnp.complex64))
+  factored = _kron_numerics.norm_lower_bound_gram(jnp.asarray(v[:, None], jnp.complex64))
+  for bound in (float(dense), float(factored)):
+    assert 0.99 * true <= bound <= true * (1 + 1e-5)
+
+
 # ---------------------------------------------------------------------------------------------
 # Complex fitting units: conjugate transposes wherever the real code transposes.
 # ---------------------------------------------------------------------------------------------
