@@ -282,7 +282,9 @@ def transformer_sort() -> Problem:
       # SGD and optax's adafactor (equal to ours) reached no seed's target in the full runs of
       # 2026-11-23 and 2026-12-02, adamw matched adam to 3 digits and the dense kron was 1.7x
       # slower than the default for a 1.2x lower loss; left out to keep full mode within its time.
-      optimizers=("optax_rlx.kron", "optax_rlx.adafactor", "optax.adam", "psgd_jax.kron"),
+      optimizers=("optax_rlx.kron", "optax_rlx.kron(quad)", "optax_rlx.adafactor", "optax.adam",
+                  "optax.contrib.muon", "psgd_jax.kron", "psgdax.kron", "psgdax.kron(QUAD)",
+                  "distributed_kron.pro", "distributed_kron.pro(QUAD)"),
   )
 
 
@@ -354,7 +356,9 @@ def delayed_xor() -> Problem:
       lrs=(3e-4, 1e-3),
       # Optimizers that solve it or might: the adaptive first-order ones and SGD solved no seed
       # at any lr in those runs (Adam stays as the first-order baseline).
-      optimizers=("optax_rlx.kron", "optax_rlx.kron(dense)", "optax.adam", "psgd_jax.kron"),
+      optimizers=("optax_rlx.kron", "optax_rlx.kron(dense)", "optax_rlx.kron(quad)", "optax.adam",
+                  "optax.contrib.muon", "psgd_jax.kron", "psgdax.kron", "psgdax.kron(QUAD)",
+                  "distributed_kron.pro", "distributed_kron.pro(QUAD)"),
   )
 
 
